@@ -1,0 +1,1 @@
+"""HTTP routes: auth, sessions, waivers, payments, queue, assignments, flags, system."""

@@ -1,0 +1,80 @@
+"""Settings, read from the environment when the app or a command starts (never at import)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import platformdirs
+
+
+def default_home() -> Path:
+    return Path(platformdirs.user_data_dir("autodispatch", appauthor=False))
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str | None = None
+    jwt_secret: str = field(default="", repr=False)
+    access_token_ttl_seconds: int = 3600
+    refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    request_ttl_seconds: int = 30 * 60
+    expiry_interval_seconds: float = 0.5
+    stripe_webhook_secret: str | None = field(default=None, repr=False)
+    sign_in_max_failures_per_account: int = 5
+    sign_in_max_failures_per_address: int = 20
+    sign_in_window_seconds: int = 15 * 60
+    cheap_password_hashing: bool = False  # tests only: argon2 at its cheapest
+    db_pool_max: int = 20
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("AUTODISPATCH_HOME") or default_home()).expanduser()
+        values: dict[str, object] = {
+            "home": home,
+            "database_url": env.get("DATABASE_URL") or None,
+            "jwt_secret": env.get("AUTODISPATCH_JWT_SECRET") or "",
+            "access_token_ttl_seconds": _int(env, "AUTODISPATCH_ACCESS_TOKEN_TTL", 3600),
+            "request_ttl_seconds": _int(env, "AUTODISPATCH_REQUEST_TTL_SECONDS", 30 * 60),
+            "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET") or None,
+            "db_pool_max": _int(env, "AUTODISPATCH_DB_POOL_MAX", 20),
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def with_secret(self) -> Settings:
+        """These settings with a JWT secret: the given one, or one kept in the home folder."""
+        if self.jwt_secret:
+            return self
+        path = self.home / "jwt_secret"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".jwt_secret.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+            try:
+                # Link, not rename: if another process made one first, keep theirs.
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        secret = path.read_text().strip()
+        if len(secret) < 32:
+            raise SystemExit(f"{path} holds a secret shorter than 32 characters; delete it")
+        return replace(self, jwt_secret=secret)

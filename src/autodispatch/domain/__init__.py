@@ -1,0 +1,1 @@
+"""Pure rules: statuses, allowed transitions, errors. No I/O, no imports of our other layers."""

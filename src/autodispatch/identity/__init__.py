@@ -1,0 +1,1 @@
+"""Accounts, passwords and tokens: who the caller is."""
