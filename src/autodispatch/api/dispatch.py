@@ -33,11 +33,10 @@ NO_STORE = {"Cache-Control": "no-store"}
 
 async def read_pair(tx: Tx, session_id: UUID) -> dict[str, Any]:
     """The session and its assignment, as the caller may see them."""
-    session = await tx.one("session_by_id", {"session_id": session_id})
-    assignment = await tx.one("assignment_of_session", {"session_id": session_id})
-    if session is None or assignment is None:
+    row = await tx.one("session_pair", {"session_id": session_id})
+    if row is None:
         raise NotFound(f"no session {session_id} that you may see", code="session_not_found")
-    return {"session": session, "assignment": assignment}
+    return dict(row)
 
 
 @router.post("/sessions", status_code=201, response_model=SessionAndAssignment, tags=["sessions"])

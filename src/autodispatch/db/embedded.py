@@ -427,17 +427,20 @@ def _is_server_of(proc: Any, pgdata: Path) -> bool:
 def _pid_from_file(path: Path) -> int | None:
     try:
         first = path.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0].strip()
-        return int(first)
+        pid = int(first)
     except (OSError, ValueError):
         return None
+    return pid if pid > 0 else None
 
 
 def _live_postmaster(pgdata: Path) -> _Postmaster | None:
     """The postmaster serving ``pgdata``, or None. ``postmaster.pid`` is not trusted blindly."""
     try:
-        lines = (pgdata / "postmaster.pid").read_text(encoding="utf-8").split("\n")
-        pid = int(lines[0].strip())
-    except (OSError, ValueError, IndexError):
+        lines = (pgdata / "postmaster.pid").read_text(encoding="utf-8", errors="replace")
+        pid = int(lines.split("\n", 1)[0].strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
         return None
     try:
         proc = psutil.Process(pid)
@@ -445,7 +448,7 @@ def _live_postmaster(pgdata: Path) -> _Postmaster | None:
         return None
     if not _is_server_of(proc, pgdata):
         return None
-    field = [line.strip() for line in lines] + [""] * 8
+    field = [line.strip() for line in lines.split("\n")] + [""] * 8
     try:
         port = int(field[3]) if field[3] else _PORT
     except ValueError:
@@ -680,7 +683,9 @@ class EmbeddedPostgres:
     """A PostgreSQL server on ``home``, shared with other processes using the same home.
 
     Nothing happens until :meth:`start`. ``fast=True`` turns off fsync, synchronous commit and
-    full page writes: for test servers only, never for real data.
+    full page writes: for test servers only, never for real data (``serve`` must not use it).
+    Settings apply when this instance starts the server; joining keeps the running server's.
+    A started instance is also stopped at interpreter exit if :meth:`stop` was not called.
     """
 
     def __init__(self, home: Path, *, fast: bool = False) -> None:

@@ -5,13 +5,6 @@ select a.id, a.session_id, a.status, a.workshop_id, a.mechanic_id, a.mechanic_na
 from public.session_assignments a
 where a.id = %(assignment_id)s;
 
--- name: assignment_of_session
-select a.id, a.session_id, a.status, a.workshop_id, a.mechanic_id, a.mechanic_name, a.offered_to,
-       a.offer_expires_at, a.request_summary, a.queued_at, a.accepted_at, a.ended_at,
-       a.created_at, a.updated_at
-from public.session_assignments a
-where a.session_id = %(session_id)s;
-
 -- name: open_queue
 -- The requests the caller may take, oldest first. Row-level security narrows this to
 -- what the caller may see; the status filter keeps only what can still be taken.
