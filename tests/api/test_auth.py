@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jwt
+
 from conftest import SECRET, World
 
 
@@ -10,14 +11,20 @@ async def test_signup_then_password_grant(world: World) -> None:
     """Sign-up creates a customer and answers like GoTrue; the password grant signs in again."""
     r = await world.client.post(
         "/auth/v1/signup",
-        json={"email": "New.Person@Example.com ", "password": "long-enough", "data": {"name": "Nia"}},
+        json={
+            "email": "New.Person@Example.com ",
+            "password": "long-enough",
+            "data": {"name": "Nia"},
+        },
     )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["token_type"] == "bearer" and body["expires_in"] > 0 and body["refresh_token"]
     assert body["user"]["email"] == "new.person@example.com"
     assert body["user"]["app_metadata"]["account_type"] == "customer"
-    claims = jwt.decode(body["access_token"], SECRET, algorithms=["HS256"], audience="authenticated")
+    claims = jwt.decode(
+        body["access_token"], SECRET, algorithms=["HS256"], audience="authenticated"
+    )
     assert claims["sub"] == body["user"]["id"] and claims["role"] == "authenticated"
     assert claims["exp"] > claims["iat"]
     r = await world.client.post(
@@ -37,9 +44,13 @@ async def test_signup_refuses_duplicates_and_weak_passwords(world: World) -> Non
         "/auth/v1/signup", json={"email": world.customer.email, "password": "long-enough"}
     )
     assert r.status_code == 409 and r.json()["error"]["code"] == "email_taken"
-    r = await world.client.post("/auth/v1/signup", json={"email": "a@b.example", "password": "short"})
+    r = await world.client.post(
+        "/auth/v1/signup", json={"email": "a@b.example", "password": "short"}
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "weak_password"
-    r = await world.client.post("/auth/v1/signup", json={"email": "nope", "password": "long-enough"})
+    r = await world.client.post(
+        "/auth/v1/signup", json={"email": "nope", "password": "long-enough"}
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_email"
 
 
@@ -103,6 +114,8 @@ async def test_public_config_has_an_anon_key_that_verifies(world: World) -> None
     r = await world.client.get("/api/config")
     claims = jwt.decode(r.json()["anon_key"], SECRET, algorithms=["HS256"])
     assert claims["role"] == "anon" and claims["exp"] > claims["iat"]
-    r = await world.client.get("/api/workshops", headers={"Authorization": f"Bearer {r.json()['anon_key']}"})
+    r = await world.client.get(
+        "/api/workshops", headers={"Authorization": f"Bearer {r.json()['anon_key']}"}
+    )
     assert r.status_code == 200
     assert {w["name"] for w in r.json()["items"]} == {"North Garage", "South Garage"}

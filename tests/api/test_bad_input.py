@@ -8,6 +8,7 @@ from typing import Any
 import jwt
 import psycopg
 import pytest
+
 from conftest import SECRET, World
 
 TABLES = (
@@ -175,13 +176,17 @@ async def test_wrong_role_is_a_403(world: World) -> None:
 
 
 async def test_actions_in_the_wrong_state_are_409s(world: World) -> None:
-    """Starting a pending session, a second waiver, accepting an unsigned request: 409, no change."""
+    """Start while pending, a second waiver, accept unsigned: 409 (or 404), no change."""
     unsigned = await world.request()
     queued = await world.queued()
     before = await snapshot(world)
     cases = [
         (f"/api/sessions/{queued['session']['id']}/start", world.customer, "invalid_state"),
-        (f"/api/sessions/{queued['session']['id']}/waiver", world.customer, "waiver_already_signed"),
+        (
+            f"/api/sessions/{queued['session']['id']}/waiver",
+            world.customer,
+            "waiver_already_signed",
+        ),
         (f"/api/assignments/{unsigned['assignment']['id']}/accept", world.mechanic, None),
         (f"/api/assignments/{queued['assignment']['id']}/decline", world.mechanic, None),
     ]
@@ -199,7 +204,9 @@ async def test_unknown_things_are_404s(world: World) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
     r = await world.client.get(f"/api/sessions/{missing}", headers=world.other_customer.headers)
     assert r.status_code == 404
-    r = await world.client.post(f"/api/assignments/{missing}/accept", headers=world.mechanic.headers)
+    r = await world.client.post(
+        f"/api/assignments/{missing}/accept", headers=world.mechanic.headers
+    )
     assert r.status_code == 404
     r = await world.client.patch(
         "/api/feature-flags/no_such_flag", json={"enabled": True}, headers=world.admin.headers

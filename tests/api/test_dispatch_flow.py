@@ -9,9 +9,9 @@ from typing import Any
 import psycopg
 import pytest
 import stripe
-from conftest import World, make_settings
 
 from autodispatch.app import create_app
+from conftest import World, make_settings
 
 
 async def audit_rows(world: World, session_id: str) -> list[tuple[Any, ...]]:
@@ -216,7 +216,9 @@ async def test_unaccepted_request_expires(db_url: str, tmp_path: Any) -> None:
         w.customer = await w.account("c@test.example", "customer", "C")
         pair = await w.queued()
         for _ in range(60):
-            r = await client.get(f"/api/sessions/{pair['session']['id']}", headers=w.customer.headers)
+            r = await client.get(
+                f"/api/sessions/{pair['session']['id']}", headers=w.customer.headers
+            )
             if r.json()["assignment"]["status"] == "expired":
                 break
             await asyncio.sleep(0.1)
@@ -225,7 +227,7 @@ async def test_unaccepted_request_expires(db_url: str, tmp_path: Any) -> None:
 
 
 async def test_paid_session_waits_for_payment(world: World) -> None:
-    """A paid request is queued only once both the waiver and the payment are in, in either order."""
+    """A paid request is queued only once both the waiver and the payment are in."""
     pair = await world.request(type="paid")
     sid, aid = pair["session"]["id"], pair["assignment"]["id"]
     r = await world.client.post(f"/api/sessions/{sid}/waiver", headers=world.customer.headers)
@@ -280,7 +282,7 @@ def stripe_event(session_id: str, event_type: str = "checkout.session.completed"
 
 
 async def test_stripe_webhook_confirms_payment_with_a_valid_signature(stripe_world: World) -> None:
-    """A signed checkout.session.completed queues the paid request; a bad signature changes nothing."""
+    """A signed checkout.session.completed queues the request; a bad signature does nothing."""
     w = stripe_world
     pair = await w.request(type="paid")
     sid, aid = pair["session"]["id"], pair["assignment"]["id"]
@@ -294,9 +296,7 @@ async def test_stripe_webhook_confirms_payment_with_a_valid_signature(stripe_wor
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_signature"
     assert aid not in await w.queue_ids(w.mechanic)
-    r = await w.client.post(
-        f"/api/dev/sessions/{sid}/confirm-payment", headers=w.customer.headers
-    )
+    r = await w.client.post(f"/api/dev/sessions/{sid}/confirm-payment", headers=w.customer.headers)
     assert r.status_code == 404, "the development endpoint is off when Stripe is configured"
     good = stripe.WebhookSignature.generate_signature_header(payload, "whsec_test_secret")
     r = await w.client.post(

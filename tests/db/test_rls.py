@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from conftest import Account, World
 
 
@@ -16,19 +17,23 @@ class AsPrincipal:
     def __init__(self, db_url: str) -> None:
         self.db_url = db_url
 
-    async def ids(self, who: Account | None, table: str, where: str = "true") -> set[str]:
+    async def rows(self, who: Account | None, query: str) -> list[tuple[Any, ...]]:
         claims: dict[str, Any] = (
             {"sub": str(who.id), "role": "authenticated"} if who else {"role": "anon"}
         )
-        async with await psycopg.AsyncConnection.connect(self.db_url) as conn:
-            async with conn.transaction():
-                await conn.execute(
-                    "select set_config('role', %s, true),"
-                    " set_config('request.jwt.claims', %s, true)",
-                    ("authenticated" if who else "anon", json.dumps(claims)),
-                )
-                cur = await conn.execute(f"select id::text from {table} where {where}")
-                return {r[0] for r in await cur.fetchall()}
+        async with (
+            await psycopg.AsyncConnection.connect(self.db_url) as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(
+                "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true)",
+                ("authenticated" if who else "anon", json.dumps(claims)),
+            )
+            cur = await conn.execute(query)
+            return await cur.fetchall()
+
+    async def ids(self, who: Account | None, table: str, where: str = "true") -> set[str]:
+        return {r[0] for r in await self.rows(who, f"select id::text from {table} where {where}")}
 
 
 @pytest.fixture
@@ -157,17 +162,7 @@ async def test_flags_are_readable_by_everyone(world: World, sql: AsPrincipal) ->
     )
     assert r.status_code == 200, r.text
     for who in (None, world.customer, world.mechanic, world.admin):
-        async with await psycopg.AsyncConnection.connect(sql.db_url) as conn:
-            async with conn.transaction():
-                await conn.execute(
-                    "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true)",
-                    (
-                        "authenticated" if who else "anon",
-                        json.dumps({"sub": str(who.id), "role": "authenticated"} if who else {}),
-                    ),
-                )
-                cur = await conn.execute("select key, enabled from feature_flags")
-                rows = dict(await cur.fetchall())
+        rows = dict(await sql.rows(who, "select key, enabled from feature_flags"))
         assert len(rows) == 4 and rows["mech_audio_alerts"] is False
 
 
@@ -195,5 +190,7 @@ async def test_roles_cannot_write_tables_directly(world: World) -> None:
                         (json.dumps({"sub": str(world.mechanic.id), "role": "authenticated"}),),
                     )
                     await conn.execute(statement)
-    r = await world.client.get(f"/api/sessions/{pair['session']['id']}", headers=world.customer.headers)
+    r = await world.client.get(
+        f"/api/sessions/{pair['session']['id']}", headers=world.customer.headers
+    )
     assert r.json()["assignment"]["status"] == "queued"

@@ -8,10 +8,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import database_url
 
 from autodispatch.db import migrate, queries
 from autodispatch.domain.lifecycle import ASSIGNMENT, LIFECYCLES, SESSION
+from conftest import database_url
 
 EXPECTED_TABLES = {
     "public": {
@@ -131,8 +131,8 @@ def _insert_session(conn: psycopg.Connection[Any]) -> tuple[uuid.UUID, uuid.UUID
         (user[0],),
     )
     intake = conn.execute(
-        "insert into intakes (customer_id, name, vehicle_year, vehicle_make, vehicle_model, concern)"
-        " values (%s, 'C', 2010, 'A', 'B', 'c') returning id",
+        "insert into intakes (customer_id, name, vehicle_year, vehicle_make, vehicle_model,"
+        " concern) values (%s, 'C', 2010, 'A', 'B', 'c') returning id",
         (user[0],),
     ).fetchone()
     assert intake is not None

@@ -88,7 +88,9 @@ async def get_session(
     return pair
 
 
-@router.post("/sessions/{session_id}/waiver", response_model=SessionAndAssignment, tags=["sessions"])
+@router.post(
+    "/sessions/{session_id}/waiver", response_model=SessionAndAssignment, tags=["sessions"]
+)
 async def sign_waiver(
     session_id: UUID,
     response: Response,
@@ -136,7 +138,9 @@ async def end_session(
     return await _session_action(svc, caller, session_id, "end_session", cancel=False)
 
 
-@router.post("/sessions/{session_id}/cancel", response_model=SessionAndAssignment, tags=["sessions"])
+@router.post(
+    "/sessions/{session_id}/cancel", response_model=SessionAndAssignment, tags=["sessions"]
+)
 async def cancel_session(
     session_id: UUID,
     caller: Principal = Depends(deps.user),
@@ -199,7 +203,9 @@ async def accept(
 
 
 @router.post(
-    "/assignments/{assignment_id}/decline", response_model=SessionAndAssignment, tags=["assignments"]
+    "/assignments/{assignment_id}/decline",
+    response_model=SessionAndAssignment,
+    tags=["assignments"],
 )
 async def decline(
     assignment_id: UUID,

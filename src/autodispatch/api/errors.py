@@ -16,7 +16,9 @@ from autodispatch.domain.errors import AppError, TooManyRequests
 log = structlog.get_logger("autodispatch.api")
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )

@@ -73,7 +73,10 @@ async def stripe_webhook(
                 "amount_cents": checkout.get("amount_total"),
             },
         )
-    log.info("payment_confirmed" if confirmed else "payment_already_confirmed", session_id=str(session_id))
+    log.info(
+        "payment_confirmed" if confirmed else "payment_already_confirmed",
+        session_id=str(session_id),
+    )
     return {"received": True, "handled": True, "newly_confirmed": bool(confirmed)}
 
 
@@ -91,7 +94,9 @@ async def dev_confirm_payment(
     async with svc.db.as_principal(caller) as tx:
         pair = await read_pair(tx, session_id)
         if str(pair["session"]["customer_id"]) != str(caller.user_id):
-            raise Forbidden("only the customer of this session may pay for it", code="not_your_session")
+            raise Forbidden(
+                "only the customer of this session may pay for it", code="not_your_session"
+            )
     async with svc.db.as_service() as tx:
         confirmed = await tx.value(
             "confirm_payment",

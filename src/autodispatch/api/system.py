@@ -27,7 +27,9 @@ async def readyz(svc: deps.Services = Depends(deps.services)) -> JSONResponse:
         async with svc.db.as_service() as tx:
             revision = await tx.value("migration_revision")
         if revision != svc.expected_revision:
-            reasons.append(f"database is at revision {revision}, this code needs {svc.expected_revision}")
+            reasons.append(
+                f"database is at revision {revision}, this code needs {svc.expected_revision}"
+            )
     except Exception as exc:  # any failure to reach the database is the answer here
         reasons.append(f"database unreachable: {exc.__class__.__name__}: {exc}")
     if reasons:

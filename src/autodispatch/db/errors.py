@@ -17,7 +17,11 @@ from autodispatch.domain import errors
 
 # Constraint name -> (error class, code, message)
 _CONSTRAINTS: dict[str, tuple[type[errors.AppError], str, str]] = {
-    "users_email_key": (errors.Conflict, "email_taken", "an account with this email already exists"),
+    "users_email_key": (
+        errors.Conflict,
+        "email_taken",
+        "an account with this email already exists",
+    ),
     "users_email_normalised": (
         errors.InvalidInput,
         "invalid_email",

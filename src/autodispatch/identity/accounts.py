@@ -25,7 +25,9 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 def normalise_email(email: str) -> str:
     cleaned = email.strip().lower()
     if not _EMAIL.match(cleaned) or len(cleaned) > 254:
-        raise InvalidInput(f"{email!r} is not an email address like name@example.com", code="invalid_email")
+        raise InvalidInput(
+            f"{email!r} is not an email address like name@example.com", code="invalid_email"
+        )
     return cleaned
 
 
@@ -126,7 +128,9 @@ class Accounts:
 
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
         async with self.db.as_service() as tx:
-            row = await tx.one("use_refresh_token", {"token_hash": hash_refresh_token(refresh_token)})
+            row = await tx.one(
+                "use_refresh_token", {"token_hash": hash_refresh_token(refresh_token)}
+            )
             if row is None:
                 raise BadRequest(
                     "the refresh token is unknown, used or expired; sign in again",

@@ -26,7 +26,13 @@ class TokenIssuer:
         self.access_ttl_seconds = access_ttl_seconds
 
     def access_token(
-        self, *, user_id: uuid.UUID, email: str, account_type: str, name: str, now: float | None = None
+        self,
+        *,
+        user_id: uuid.UUID,
+        email: str,
+        account_type: str,
+        name: str,
+        now: float | None = None,
     ) -> tuple[str, int]:
         """A signed access token for a user and its expiry (unix seconds)."""
         issued = int(now if now is not None else time.time())
@@ -46,7 +52,12 @@ class TokenIssuer:
     def anon_key(self) -> str:
         """The public key realtime and REST clients send as ``apikey``."""
         issued = int(time.time())
-        claims = {"role": "anon", "iss": "autodispatch", "iat": issued, "exp": issued + _ANON_KEY_TTL}
+        claims = {
+            "role": "anon",
+            "iss": "autodispatch",
+            "iat": issued,
+            "exp": issued + _ANON_KEY_TTL,
+        }
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
     def decode(self, token: str) -> dict[str, Any]:

@@ -1,0 +1,3 @@
+from autodispatch.cli import main
+
+main()

@@ -1,0 +1,221 @@
+"""The ``autodispatch`` command: serve, migrate, create-user, db-url."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Annotated
+
+import psycopg
+import structlog
+import typer
+from rich.console import Console
+
+from autodispatch.config import Settings
+from autodispatch.db import migrate as migrations
+from autodispatch.db.urls import with_database
+
+app = typer.Typer(
+    help="Realtime dispatch of customer session requests to mechanics.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+EMBEDDED_DATABASE = "autodispatch"
+
+
+def configure_logging() -> None:
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer()
+        if sys.stderr.isatty()
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _ensure_database(server_url: str, name: str) -> str:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
+        if not exists:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                conn.execute(f'create database "{name}"')
+    return with_database(server_url, name)
+
+
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The URL of the database to use: DATABASE_URL, or the embedded server in the home folder."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from autodispatch.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedPostgres(settings.home / "postgres")
+    try:
+        server_url = server.start()
+    except EmbeddedPostgresError as exc:
+        err.print(f"[red]Could not start the embedded PostgreSQL:[/red] {exc}")
+        raise typer.Exit(1) from None
+    try:
+        yield _ensure_database(server_url, EMBEDDED_DATABASE)
+    finally:
+        server.stop()
+
+
+def _migrate(url: str) -> None:
+    with err.status("Migrating the database..."):
+        before, after = migrations.upgrade(url)
+    if before != after:
+        err.print(f"Migrated the database from {before or 'empty'} to {after}.")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    demo: Annotated[bool, typer.Option(help="Create the demo accounts and print them")] = False,
+) -> None:
+    """Serve the API, realtime and pages in one process."""
+    import uvicorn
+
+    from autodispatch.app import create_app
+    from autodispatch.db.database import Database
+    from autodispatch.identity.accounts import Accounts
+    from autodispatch.ops.demo import DEMO_PASSWORD, ensure_demo_accounts
+
+    configure_logging()
+    settings = Settings.from_env().with_secret()
+    with database(settings) as url:
+        _migrate(url)
+        if demo:
+
+            async def seed() -> list[tuple[object, bool]]:
+                db = Database(url, min_size=1, max_size=2)
+                await db.open()
+                try:
+                    return list(await ensure_demo_accounts(db, Accounts(db, settings)))
+                finally:
+                    await db.close()
+
+            rows = asyncio.run(seed())
+            base = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}"
+            out.print(f"[bold]autodispatch demo[/bold] on {base}  (password: {DEMO_PASSWORD})")
+            for account, created in rows:
+                note = "created" if created else "exists"
+                out.print(f"  {account.email:32} {account.account_type:9} ({note})")  # type: ignore[attr-defined]
+            out.print(f"  API docs:  {base}/docs")
+            out.print(f"  Health:    {base}/healthz")
+        # uvicorn re-raises SIGTERM once it has shut down; with the default handler that
+        # would kill us before the embedded PostgreSQL is stopped, so turn it into an exit.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        config = uvicorn.Config(
+            create_app(settings, url),
+            host=host,
+            port=port,
+            log_level="info",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            err.print(f"[red]The server did not start[/red] (is port {port} in use?)")
+            raise typer.Exit(1)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database to the newest schema."""
+    settings = Settings.from_env()
+    with database(settings) as url:
+        _migrate(url)
+        out.print(f"The database is at revision {migrations.current(url)}.")
+
+
+@app.command("create-user")
+def create_user(
+    email: Annotated[str, typer.Option(help="Sign-in email")],
+    password: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, help="At least 8 characters")
+    ],
+    role: Annotated[str, typer.Option(help="customer, mechanic or admin")] = "mechanic",
+    name: Annotated[str, typer.Option(help="Name shown to others")] = "",
+    workshop: Annotated[
+        str | None, typer.Option(help="Workshop of a mechanic (created if new)")
+    ] = None,
+) -> None:
+    """Create an account: mechanics (independent or in a workshop), admins or customers."""
+    from autodispatch.db.database import Database
+    from autodispatch.domain.errors import AppError
+    from autodispatch.identity.accounts import Accounts
+
+    settings = Settings.from_env().with_secret()
+
+    async def go(url: str) -> dict[str, object]:
+        db = Database(url, min_size=1, max_size=2)
+        await db.open()
+        try:
+            return await Accounts(db, settings).create_user(
+                email=email,
+                password=password,
+                account_type=role,
+                full_name=name or email.split("@")[0],
+                workshop=workshop,
+            )
+        finally:
+            await db.close()
+
+    with database(settings) as url:
+        _migrate(url)
+        try:
+            user = asyncio.run(go(url))
+        except AppError as exc:
+            err.print(f"[red]Not created:[/red] {exc.message}")
+            raise typer.Exit(1) from None
+    out.print(f"Created {role} {user['email']} ({user['id']}).")
+
+
+@app.command("db-url")
+def db_url() -> None:
+    """Print the URL of the database in use, for psql "$(autodispatch db-url)"."""
+    settings = Settings.from_env()
+    if settings.database_url:
+        print(settings.database_url)
+        return
+    from autodispatch.db.embedded import running_url
+
+    url = running_url(settings.home / "postgres")
+    if url is None:
+        err.print(
+            f"The embedded PostgreSQL in {settings.home} is not running; start it with"
+            " `autodispatch serve`, or set DATABASE_URL."
+        )
+        raise typer.Exit(1)
+    print(with_database(url, EMBEDDED_DATABASE))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,1 @@
+"""Operations: demo data, benchmarks (and later audit, repair, probe)."""
