@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,8 +43,9 @@ class Serve:
         full_env = {**os.environ, "AUTODISPATCH_HOME": str(home), **(env or {})}
         full_env.pop("DATABASE_URL", None)
         full_env.update(env or {})
+        self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
-            args, env=full_env, stdout=self.log.open("w"), stderr=subprocess.STDOUT
+            args, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -61,24 +64,36 @@ class Serve:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self._log_file.close()
 
     def output(self) -> str:
         return self.log.read_text()
 
 
 @pytest.fixture
-def serves(tmp_path: Path) -> Iterator[list[Serve]]:
+def scratch() -> Iterator[Path]:
+    """A folder outside pytest's basetemp (which pytest resets to 0700, shutting out the
+    server's own system user when tests run as root)."""
+    path = Path(tempfile.mkdtemp(prefix="autodispatch-serve-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def serves(scratch: Path) -> Iterator[list[Serve]]:
     started: list[Serve] = []
     yield started
     for s in started:
         if s.proc.poll() is None:
             s.proc.kill()
-            s.proc.wait()
+        s.stop()
     # Leave no embedded PostgreSQL behind, whatever the test did.
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if any(str(tmp_path) in part for part in cmd) and "postgres" in " ".join(cmd):
+        if any(str(scratch) in part for part in cmd) and "postgres" in " ".join(cmd):
             proc.kill()
 
 
@@ -174,23 +189,23 @@ async def demo_script(base: str) -> dict[str, Any]:
         return {"session": sid, "cancelled": sid2}
 
 
-def test_demo_script_then_clean_shutdown(tmp_path: Path, serves: list[Serve]) -> None:
+def test_demo_script_then_clean_shutdown(scratch: Path, serves: list[Serve]) -> None:
     """serve --demo prints the accounts, passes the scripted run, stops PostgreSQL on SIGTERM."""
-    s = Serve(tmp_path / "home")
+    s = Serve(scratch / "home")
     serves.append(s)
     s.wait_ready()
     for email in ("customer@demo.test", "mechanic@demo.test", "workshop.mechanic@demo.test"):
         assert email in s.output()
     asyncio.run(demo_script(s.base))
-    assert running_url(tmp_path / "home" / "postgres") is not None
+    assert running_url(scratch / "home" / "postgres") is not None
     s.stop(signal.SIGTERM)
-    assert postmasters(tmp_path / "home") == []
-    assert running_url(tmp_path / "home" / "postgres") is None
+    assert postmasters(scratch / "home") == []
+    assert running_url(scratch / "home" / "postgres") is None
 
 
-def test_restart_after_sigkill_keeps_data(tmp_path: Path, serves: list[Serve]) -> None:
+def test_restart_after_sigkill_keeps_data(scratch: Path, serves: list[Serve]) -> None:
     """After serve is SIGKILLed, the next serve on that home starts cleanly with the data intact."""
-    home = tmp_path / "home"
+    home = scratch / "home"
     first = Serve(home)
     serves.append(first)
     first.wait_ready()
@@ -212,9 +227,9 @@ def test_restart_after_sigkill_keeps_data(tmp_path: Path, serves: list[Serve]) -
     assert postmasters(home) == []
 
 
-def test_two_serves_share_one_home(tmp_path: Path, serves: list[Serve]) -> None:
+def test_two_serves_share_one_home(scratch: Path, serves: list[Serve]) -> None:
     """A second serve on the same home joins the running database; it outlives the first."""
-    home = tmp_path / "home"
+    home = scratch / "home"
     first = Serve(home)
     serves.append(first)
     first.wait_ready()
@@ -229,11 +244,11 @@ def test_two_serves_share_one_home(tmp_path: Path, serves: list[Serve]) -> None:
     assert postmasters(home) == []
 
 
-def test_db_url_points_at_the_running_database(tmp_path: Path, serves: list[Serve]) -> None:
+def test_db_url_points_at_the_running_database(scratch: Path, serves: list[Serve]) -> None:
     """`autodispatch db-url` prints a URL psql-compatible clients can use; it fails when stopped."""
     import psycopg
 
-    home = tmp_path / "home"
+    home = scratch / "home"
     env = {**os.environ, "AUTODISPATCH_HOME": str(home)}
     env.pop("DATABASE_URL", None)
     stopped = subprocess.run(

@@ -219,3 +219,45 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("contention")
+def bench_contention(
+    mechanics: Annotated[int, typer.Option(help="Mechanics racing")] = 50,
+    requests: Annotated[int, typer.Option(help="Requests to race for")] = 1000,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="An empty database to use instead of a fresh embedded one"),
+    ] = None,
+) -> None:
+    """N mechanics race over HTTP for M requests: accepts/s and latency, against a baseline."""
+    from rich.table import Table
+
+    from autodispatch.ops.bench import contention
+
+    phases, machine = contention(
+        mechanics, requests, database_url, lambda step: err.print(f"[dim]… {step}[/dim]")
+    )
+    rows = [p.row() for p in phases]
+    table = Table(title=f"{mechanics} mechanics, {requests} requests — {machine}")
+    table.add_column("figure")
+    for row in rows:
+        table.add_column(str(row["phase"]).split(":")[0])
+    for key in rows[0]:
+        if key != "phase":
+            table.add_row(key, *(str(row[key]) for row in rows))
+    out.print(table)
+    problems = [e for p in phases for e in p.errors]
+    for p in phases:
+        if len(p.winners) != requests:
+            problems.append(f"{p.name}: {len(p.winners)} accepted, expected {requests}")
+    if problems:
+        err.print("[red]Outcome check failed:[/red]")
+        for problem in problems[:20]:
+            err.print(f"  {problem}")
+        raise typer.Exit(1)
+    out.print("Outcome check: exactly one winner per request, every other attempt a 409.")

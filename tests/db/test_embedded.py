@@ -148,9 +148,27 @@ def _child_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
+def base_dir(tmp_path: Path) -> Iterator[Path]:
+    """Where test homes go: tmp_path, or as root a directory of our own under temp.
+
+    As root the server runs as another user, who must be able to traverse the path to home
+    (start() opens it up). But every pytest session that starts resets /tmp/pytest-of-root to
+    mode 0700, which breaks an initdb or start running meanwhile in a concurrent session.
+    """
+    if os.geteuid() != 0:
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="autodispatch-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def home(base_dir: Path) -> Iterator[Path]:
     """A fresh home; whatever servers are left on it are shut down at the end."""
-    path = tmp_path / "home"
+    path = base_dir / "home"
     try:
         yield path
     finally:
@@ -355,6 +373,35 @@ def test_concurrent_first_start_runs_one_initdb_and_one_postmaster(
     assert _claims(home) == []
 
 
+def test_process_exiting_without_stop_releases_its_claim(home: Path, spawn: Spawn) -> None:
+    """A process that exits normally without calling stop() still stops its server at exit."""
+    child = spawn()
+    _read_line(child)
+    postmaster = _postmaster_pid(home)
+    _, err = child.communicate(input="", timeout=60)  # EOF: the child returns without stop()
+    assert child.returncode == 0, err
+    assert not _alive(postmaster)
+    assert _claims(home) == []
+
+
+def test_failed_start_raises_with_log_tail(home: Path) -> None:
+    """A server that cannot start raises EmbeddedPostgresError naming the log and quoting it."""
+    with EmbeddedPostgres(home, fast=True):
+        pass
+    with (home / "pgdata" / "postgresql.conf").open("a") as conf:
+        conf.write("shared_buffers = banana\n")
+    pg = EmbeddedPostgres(home, fast=True)
+    with pytest.raises(EmbeddedPostgresError) as raised:
+        pg.start()
+    message = str(raised.value)
+    assert "PostgreSQL did not start" in message
+    assert f"Server log: {home / 'postgres.log'}" in message
+    assert 'invalid value for parameter "shared_buffers"' in message
+    assert _claims(home) == []
+    assert _postmasters(home) == []
+    pg.stop()  # not started: nothing to do, no error
+
+
 def test_running_url_reports_the_server_only_while_it_runs(home: Path) -> None:
     """running_url is None without a server and the start() URL while one runs."""
     assert running_url(home) is None
@@ -368,9 +415,9 @@ def test_running_url_reports_the_server_only_while_it_runs(home: Path) -> None:
     assert running_url(home) is None
 
 
-def test_long_home_puts_socket_in_short_temp_dir(tmp_path: Path) -> None:
+def test_long_home_puts_socket_in_short_temp_dir(base_dir: Path) -> None:
     """A home too long for a Unix socket path gets its socket in a short dir under temp."""
-    home = tmp_path / ("h" * 90) / "home"
+    home = base_dir / ("h" * 90) / "home"
     assert len(str(home / "run" / ".s.PGSQL.5432")) > 107
     pg = EmbeddedPostgres(home, fast=True)
     try:
