@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -214,3 +215,113 @@ async def world(db_url: str, tmp_path: Path) -> AsyncIterator[World]:
         w.workshop_id = w.workshop_mechanic.workshop_id
         w.rival_workshop_id = w.rival_workshop_mechanic.workshop_id
         yield w
+
+
+class LiveServer:
+    """The app served by uvicorn on a real socket, in a thread with its own event loop."""
+
+    def __init__(self, db_url: str, tmp_path: Path, **overrides: Any) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.ws_base = f"ws://127.0.0.1:{self.port}"
+        self.settings = make_settings(tmp_path, **overrides)
+        self.app = create_app(self.settings, db_url)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the live server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@dataclass
+class LiveWorld:
+    """A live server plus accounts (made through the service layer on the test's loop)."""
+
+    server: LiveServer
+    db_url: str
+    accounts: dict[str, Account]
+
+    async def make(self, name: str, account_type: str, workshop: str | None = None) -> Account:
+        from autodispatch.db.database import Database
+        from autodispatch.identity.accounts import Accounts
+
+        db = Database(self.db_url, min_size=1, max_size=2)
+        await db.open()
+        try:
+            svc = Accounts(db, self.server.settings.with_secret())
+            email = f"{name}@live.example"
+            user = await svc.create_user(
+                email=email,
+                password="password-123",
+                account_type=account_type,
+                full_name=name.title(),
+                workshop=workshop,
+            )
+            token, _ = svc.tokens.access_token(
+                user_id=user["id"], email=email, account_type=account_type, name=name
+            )
+        finally:
+            await db.close()
+        mechanic = user.get("mechanic") or {}
+        account = Account(
+            id=user["id"],
+            email=email,
+            token=token,
+            account_type=account_type,
+            mechanic_id=mechanic.get("id"),
+            workshop_id=mechanic.get("workshop_id"),
+        )
+        self.accounts[name] = account
+        return account
+
+    async def queued(
+        self, client: httpx.AsyncClient, customer: Account, workshop_id: Any = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": "free",
+            "intake": {
+                "name": "Dana Driver",
+                "vehicle_year": 2016,
+                "vehicle_make": "Toyota",
+                "vehicle_model": "Corolla",
+                "concern": "Grinding noise when braking",
+            },
+        }
+        if workshop_id is not None:
+            body["workshop_id"] = str(workshop_id)
+        r = await client.post(
+            f"{self.server.base}/api/sessions", json=body, headers=customer.headers
+        )
+        assert r.status_code == 201, r.text
+        sid = r.json()["session"]["id"]
+        r = await client.post(
+            f"{self.server.base}/api/sessions/{sid}/waiver", headers=customer.headers
+        )
+        assert r.status_code == 200, r.text
+        result: dict[str, Any] = r.json()
+        return result
+
+
+@pytest.fixture
+async def live(db_url: str, tmp_path: Path) -> AsyncIterator[LiveWorld]:
+    server = LiveServer(db_url, tmp_path)
+    try:
+        yield LiveWorld(server, db_url, {})
+    finally:
+        server.stop()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import psycopg
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autodispatch import __version__
 from autodispatch.api import auth, catalog, dispatch, errors, payments, system
@@ -19,6 +20,9 @@ from autodispatch.db import migrate
 from autodispatch.db.database import Database
 from autodispatch.identity.accounts import Accounts
 from autodispatch.metrics import Metrics
+from autodispatch.realtime import sse
+from autodispatch.realtime.hub import Hub, RealtimeSettings
+from autodispatch.realtime.metrics import RealtimeMetrics
 
 log = structlog.get_logger("autodispatch")
 
@@ -52,12 +56,38 @@ async def run_expiry(services: Services, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
-def _route_name(request: Request) -> str:
-    """The route template (``/api/sessions/{session_id}``), so labels stay few."""
-    route = request.scope.get("route")
-    if route is None:
-        return "unmatched"
-    return str(getattr(route, "path_format", None) or getattr(route, "path", "other"))
+class MeasureRequests:
+    """Count requests and their latency per route template (pure ASGI: no per-request
+    task or stream, unlike ``@app.middleware("http")``)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            name = (
+                "unmatched"
+                if route is None
+                else str(getattr(route, "path_format", None) or getattr(route, "path", "other"))
+            )
+            self.metrics.http_requests.labels(name, scope["method"], str(status)).inc()
+            self.metrics.http_latency.labels(name).observe(time.perf_counter() - started)
 
 
 def create_app(settings: Settings, database_url: str) -> FastAPI:
@@ -73,15 +103,27 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         expected_revision=migrate.head(),
     )
 
+    realtime = Hub(
+        db,
+        RealtimeMetrics(services.metrics.registry),
+        RealtimeSettings(
+            poll_interval=settings.realtime_poll_interval,
+            retention_seconds=settings.event_retention_seconds,
+            queue_size=settings.realtime_queue_size,
+        ),
+    )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await db.open()
         stop = asyncio.Event()
         expiry = asyncio.create_task(run_expiry(services, stop), name="expiry")
+        await realtime.start()
         try:
             yield
         finally:
             stop.set()
+            await realtime.stop()
             await expiry
             await db.close()
 
@@ -92,21 +134,10 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.realtime = realtime
     errors.install(app)
-    for module in (system, auth, dispatch, catalog, payments):
+    for module in (system, auth, dispatch, catalog, payments, sse):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = _route_name(request)
-        services.metrics.http_requests.labels(
-            route, request.method, str(response.status_code)
-        ).inc()
-        services.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(MeasureRequests, metrics=services.metrics)
     return app

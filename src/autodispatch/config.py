@@ -39,6 +39,9 @@ class Settings:
     sign_in_window_seconds: int = 15 * 60
     cheap_password_hashing: bool = False  # tests only: argon2 at its cheapest
     db_pool_max: int = 20
+    event_retention_seconds: int = 7 * 24 * 3600
+    realtime_poll_interval: float = 0.25
+    realtime_queue_size: int = 1000
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -52,6 +55,10 @@ class Settings:
             "request_ttl_seconds": _int(env, "AUTODISPATCH_REQUEST_TTL_SECONDS", 30 * 60),
             "stripe_webhook_secret": env.get("STRIPE_WEBHOOK_SECRET") or None,
             "db_pool_max": _int(env, "AUTODISPATCH_DB_POOL_MAX", 20),
+            "event_retention_seconds": _int(
+                env, "AUTODISPATCH_EVENT_RETENTION_SECONDS", 7 * 24 * 3600
+            ),
+            "realtime_queue_size": _int(env, "AUTODISPATCH_REALTIME_QUEUE_SIZE", 1000),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,43 @@
+-- name: stream_head
+select last_id, pruned_through from realtime.stream where id = 1;
+
+-- name: events_after
+-- The log in order. Ids commit in order (see migration 0002), so nothing below the
+-- highest id seen can still appear.
+select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys, old_keys
+from realtime.events
+where id > %(after)s
+order by id
+limit %(limit)s;
+
+-- name: events_for_keys_after
+-- A resume: the events one principal may see, after its cursor, for some tables.
+select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys, old_keys
+from realtime.events
+where id > %(after)s
+  and table_name = any(%(tables)s)
+  and (new_keys && %(keys)s or old_keys && %(keys)s)
+order by id
+limit %(limit)s;
+
+-- name: event_by_id
+select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys, old_keys
+from realtime.events
+where id = %(id)s;
+
+-- name: principal_keys_for
+select auth.principal_keys_for(%(user_id)s) as keys;
+
+-- name: column_types
+-- Column types as realtime-js expects them in `columns` (pg_type names: int4, uuid, _text...).
+select c.relname as table_name, a.attname as name, t.typname as type
+from pg_attribute a
+join pg_class c on c.oid = a.attrelid
+join pg_namespace n on n.oid = c.relnamespace
+join pg_type t on t.oid = a.atttypid
+where n.nspname = 'public' and c.relname = any(%(tables)s)
+  and a.attnum > 0 and not a.attisdropped and a.attname <> 'visibility_keys'
+order by c.relname, a.attnum;
+
+-- name: prune_events
+select realtime.prune(make_interval(secs => %(keep_seconds)s)) as pruned;

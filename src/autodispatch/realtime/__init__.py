@@ -1,0 +1,1 @@
+"""Realtime delivery: event log reader, router, transports."""

@@ -1,0 +1,109 @@
+"""Events read from the log, and what one subscriber receives of each.
+
+The decision of who gets an event uses only the event (the visibility keys the database
+stored for the old and the new row) and the subscriber's own keys, so it is the rule
+row-level security applies: ``keys(row) && principal_keys``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from autodispatch.realtime.protocol import Filter, matches
+
+
+class Variant(Enum):
+    """How an event reaches a subscriber."""
+
+    CHANGE = "change"  # the new row is visible: INSERT or UPDATE as it happened
+    CHANGE_WITHOUT_OLD = "change_without_old"  # UPDATE into view: the old row was not theirs
+    REMOVAL = "removal"  # the row left their view: a DELETE carrying the old row they saw
+
+
+@dataclass(slots=True)
+class Event:
+    id: int
+    at: datetime
+    schema: str
+    table: str
+    type: str  # INSERT, UPDATE, DELETE
+    row_id: str
+    record: dict[str, Any] | None
+    old_record: dict[str, Any] | None
+    new_keys: frozenset[str]
+    old_keys: frozenset[str]
+    _encoded: dict[Variant, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Event:
+        return cls(
+            id=row["id"],
+            at=row["at"],
+            schema=row["schema_name"],
+            table=row["table_name"],
+            type=row["type"],
+            row_id=row["row_id"],
+            record=row["record"],
+            old_record=row["old_record"],
+            new_keys=frozenset(row["new_keys"]),
+            old_keys=frozenset(row["old_keys"]),
+        )
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return self.new_keys | self.old_keys
+
+    def variant_for(
+        self, principal_keys: frozenset[str], row_filter: Filter | None, types: Mapping[str, str]
+    ) -> Variant | None:
+        """What a subscriber with these keys and this filter receives, or None."""
+        new_visible = self.record is not None and not self.new_keys.isdisjoint(principal_keys)
+        old_visible = self.old_record is not None and not self.old_keys.isdisjoint(principal_keys)
+        if row_filter is not None:
+            new_visible = new_visible and matches(row_filter, self.record or {}, types)
+            old_visible = old_visible and matches(row_filter, self.old_record or {}, types)
+        if new_visible:
+            if self.type == "UPDATE" and not old_visible:
+                return Variant.CHANGE_WITHOUT_OLD
+            return Variant.CHANGE
+        if old_visible:
+            return Variant.REMOVAL
+        return None
+
+    def delivered_type(self, variant: Variant) -> str:
+        return "DELETE" if variant is Variant.REMOVAL else self.type
+
+    def data(self, variant: Variant, columns: list[dict[str, str]]) -> dict[str, Any]:
+        """The ``data`` object of a Supabase ``postgres_changes`` payload, plus our event id."""
+        data: dict[str, Any] = {
+            "schema": self.schema,
+            "table": self.table,
+            "commit_timestamp": self.at.isoformat().replace("+00:00", "Z"),
+            "type": self.delivered_type(variant),
+            "columns": columns,
+            "record": {},
+            "errors": None,
+            "event_id": self.id,
+        }
+        if variant is Variant.REMOVAL:
+            data["old_record"] = self.old_record
+        else:
+            data["record"] = self.record
+            if self.type in ("UPDATE", "DELETE") and variant is Variant.CHANGE:
+                data["old_record"] = self.old_record
+            elif self.type == "UPDATE":
+                data["old_record"] = {}
+        return data
+
+    def encoded(self, variant: Variant, columns: list[dict[str, str]]) -> str:
+        """The ``data`` JSON, encoded once per variant and shared by every recipient."""
+        cached = self._encoded.get(variant)
+        if cached is None:
+            cached = json.dumps(self.data(variant, columns), separators=(",", ":"), default=str)
+            self._encoded[variant] = cached
+        return cached

@@ -1,0 +1,223 @@
+"""The realtime service of one process: the reader, the router, subscriptions, resume.
+
+Transports (SSE, the Supabase WebSocket) call ``subscribe`` with the principal's keys
+and bindings and a sink; the hub registers the subscription in the router, replays
+from the log first when the client resumes from a cursor, and only then returns, so a
+transport that says "subscribed" afterwards is telling the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import structlog
+
+from autodispatch.db.database import Database
+from autodispatch.domain.errors import Conflict
+from autodispatch.domain.principal import Principal
+from autodispatch.realtime.events import Event
+from autodispatch.realtime.log import EventLogReader, load_column_types
+from autodispatch.realtime.metrics import RealtimeMetrics
+from autodispatch.realtime.router import Binding, Router, Sink, Subscription
+
+log = structlog.get_logger("autodispatch.realtime")
+
+REALTIME_TABLES = ("sessions", "session_assignments", "feature_flags")
+
+
+class ResyncRequired(Conflict):
+    """The events after your cursor are no longer all kept; reload your data, then subscribe."""
+
+    default_code = "resync_required"
+
+
+@dataclass(frozen=True)
+class RealtimeSettings:
+    poll_interval: float = 0.25
+    retention_seconds: int = 7 * 24 * 3600
+    prune_interval: float = 3600.0
+    queue_size: int = 1000
+
+
+class Hub:
+    def __init__(self, db: Database, metrics: RealtimeMetrics, settings: RealtimeSettings) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.settings = settings
+        self.router = Router({}, {})
+        self.reader = EventLogReader(db, self.router, metrics, poll_interval=settings.poll_interval)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        types, columns = await load_column_types(self.db, list(REALTIME_TABLES))
+        self.router.types = types
+        self.router.columns = columns
+        self._tasks = [
+            asyncio.create_task(self.reader.run(self._stop), name="realtime-reader"),
+            asyncio.create_task(self._prune_forever(), name="realtime-prune"),
+        ]
+        await asyncio.wait_for(self.reader.started.wait(), timeout=30)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return REALTIME_TABLES
+
+    async def keys_for(self, principal: Principal) -> frozenset[str]:
+        """The principal's visibility keys, from the same SQL function RLS uses."""
+        if principal.user_id is None:
+            return frozenset({"public"})
+        return await self.keys_for_user(principal.user_id)
+
+    async def keys_for_user(self, user_id: UUID) -> frozenset[str]:
+        async with self.db.as_service() as tx:
+            keys = await tx.value("principal_keys_for", {"user_id": user_id})
+        return frozenset(keys or ["public"])
+
+    async def subscribe(
+        self,
+        keys: frozenset[str],
+        bindings: tuple[Binding, ...],
+        sink: Sink,
+        transport: str,
+        resume_from: int | None = None,
+    ) -> Subscription:
+        """Register a subscription; replay from ``resume_from`` first when given."""
+        sub = Subscription(keys=keys, bindings=bindings, sink=sink, transport=transport)
+        if resume_from is None:
+            sub.cursor = self.reader.position
+            self.router.add(sub)
+            self.metrics.subscribers.labels(transport).inc()
+            return sub
+        last_id, pruned_through = await self.reader.head()
+        if resume_from < pruned_through:
+            raise ResyncRequired(
+                f"events after {resume_from} were pruned (kept: after {pruned_through});"
+                " reload your data, then subscribe without a cursor"
+            )
+        if resume_from > last_id:
+            raise ResyncRequired(
+                f"cursor {resume_from} is ahead of this log (last event {last_id});"
+                " it belongs to another database: reload and subscribe without a cursor"
+            )
+        sub.cursor = resume_from
+        sub.buffering = True
+        self.router.add(sub)
+        self.metrics.subscribers.labels(transport).inc()
+        try:
+            await self._replay(sub, resume_from)
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
+        self.metrics.count(self.router.finish_replay(sub), transport)
+        return sub
+
+    async def _replay(self, sub: Subscription, after: int) -> None:
+        while True:
+            async with self.db.as_service() as tx:
+                rows = await tx.all(
+                    "events_for_keys_after",
+                    {
+                        "after": after,
+                        "tables": sorted(sub.tables),
+                        "keys": sorted(sub.keys),
+                        "limit": 1000,
+                    },
+                )
+            for row in rows:
+                outcome = self.router.deliver(sub, Event.from_row(row))
+                if outcome not in ("delivered", "duplicate"):
+                    self.metrics.count({outcome: 1}, sub.transport)
+            if len(rows) < 1000:
+                return
+            after = rows[-1]["id"]
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self.router.subscriptions:
+            self.router.remove(sub)
+            self.metrics.subscribers.labels(sub.transport).dec()
+
+    async def event(self, event_id: int) -> Event | None:
+        async with self.db.as_service() as tx:
+            row = await tx.one("event_by_id", {"id": event_id})
+        return Event.from_row(row) if row else None
+
+    async def _prune_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async with self.db.as_service() as tx:
+                    pruned = await tx.value(
+                        "prune_events", {"keep_seconds": self.settings.retention_seconds}
+                    )
+                if pruned:
+                    log.info("events_pruned", count=pruned)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("event_prune_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.settings.prune_interval)
+
+
+class QueueSink:
+    """A bounded queue of frames for one connection. Full means the client is too slow:
+    the sink closes (reason ``slow_consumer``) and the client resumes from its cursor."""
+
+    def __init__(self, maxsize: int, render: Callable[[Event, list[int], str], Any]) -> None:
+        self.queue: asyncio.Queue[tuple[Event | None, Any]] = asyncio.Queue(maxsize)
+        self.render = render
+        self.closed_reason: str | None = None
+
+    def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
+        if self.closed_reason is not None:
+            return False
+        try:
+            self.queue.put_nowait((event, self.render(event, ids, data_json)))
+        except asyncio.QueueFull:
+            self.close("slow_consumer")
+            return False
+        return True
+
+    def close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            # Wake the writer even when the queue is full.
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait((None, None))
+
+
+async def drain(
+    sink: QueueSink,
+    write: Callable[[Any], Awaitable[None]],
+    *,
+    keepalive: float,
+    ping: Any,
+    on_sent: Callable[[Event], None],
+) -> str:
+    """Write queued frames until the sink closes; return the reason.
+
+    Once the sink is closed (a slow client, an expired token, shutdown) nothing more is
+    written: the client's cursor is the last event it received, and it resumes there.
+    """
+    while sink.closed_reason is None:
+        try:
+            event, frame = await asyncio.wait_for(sink.queue.get(), timeout=keepalive)
+        except TimeoutError:
+            await write(ping)
+            continue
+        if event is None or sink.closed_reason is not None:
+            break
+        await write(frame)
+        on_sent(event)
+    return sink.closed_reason or "closed"

@@ -1,0 +1,74 @@
+"""Realtime metrics: nothing is dropped without being counted with its reason."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class RealtimeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events_read = Counter(
+            "autodispatch_realtime_events_read_total", "Events read from the log", registry=registry
+        )
+        self.delivered = Counter(
+            "autodispatch_realtime_delivered_total",
+            "Events queued to a subscriber, by transport",
+            ["transport"],
+            registry=registry,
+        )
+        self.not_delivered = Counter(
+            "autodispatch_realtime_not_delivered_total",
+            "Candidate deliveries that did not happen, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.disconnects = Counter(
+            "autodispatch_realtime_disconnects_total",
+            "Connections closed, by transport and reason",
+            ["transport", "reason"],
+            registry=registry,
+        )
+        self.subscribers = Gauge(
+            "autodispatch_realtime_subscribers",
+            "Open subscriptions, by transport",
+            ["transport"],
+            registry=registry,
+        )
+        self.log_lag = Gauge(
+            "autodispatch_realtime_log_lag_seconds",
+            "Age of the newest event read when it was read (0 when caught up)",
+            registry=registry,
+        )
+        self.position = Gauge(
+            "autodispatch_realtime_log_position", "Id of the last event read", registry=registry
+        )
+        self.commit_to_send = Histogram(
+            "autodispatch_realtime_commit_to_send_seconds",
+            "From the event's time in the log to its frame being written to the socket",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.route_seconds = Histogram(
+            "autodispatch_realtime_route_seconds",
+            "Time to route one event to all its candidates",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.reader_errors = Counter(
+            "autodispatch_realtime_reader_errors_total",
+            "Failed reads of the event log (retried)",
+            registry=registry,
+        )
+
+    def count(self, outcomes: Mapping[str, int], transport_hint: str) -> None:
+        for reason, n in outcomes.items():
+            if reason == "delivered":
+                continue  # counted by the sink, which knows its transport
+            if reason in ("buffered", "duplicate", "table_not_subscribed"):
+                continue  # not a loss: delivered later, already delivered, or not asked for
+            self.not_delivered.labels(reason).inc(n)

@@ -1,0 +1,191 @@
+"""The router: which subscriber gets which event.
+
+Subscriptions are indexed by (table, visibility key). For an event, the candidates are
+the subscriptions under the event's old and new keys for its table, so the work per
+event grows with its recipients, not with the number of connections. Each candidate's
+decision is ``Event.variant_for`` (the RLS rule on stored keys, then the binding's
+filter), and each event's ``data`` is encoded once per variant and shared.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from autodispatch.realtime.events import Event, Variant
+from autodispatch.realtime.protocol import Filter
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One `postgres_changes` entry of a channel."""
+
+    id: int
+    table: str
+    event: str  # '*', 'INSERT', 'UPDATE', 'DELETE'
+    filter: Filter | None = None
+    schema: str = "public"
+
+    def wants(self, delivered_type: str) -> bool:
+        return self.event == "*" or self.event == delivered_type
+
+
+class Sink(Protocol):
+    """Where a subscription's events go (a WebSocket channel, an SSE stream)."""
+
+    def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
+        """Queue one event without waiting; False when the sink is full (it then closes)."""
+        ...
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    keys: frozenset[str]
+    bindings: tuple[Binding, ...]
+    sink: Sink
+    transport: str
+    cursor: int = 0  # the last event id delivered (or skipped) for this subscription
+    buffering: bool = False  # while a resume replays from the database
+    buffer: list[Event] = field(default_factory=list)
+
+    @property
+    def tables(self) -> frozenset[str]:
+        return frozenset(b.table for b in self.bindings)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    delivered: bool
+    reason: str  # 'delivered' or why not
+    ids: tuple[int, ...] = ()
+    variant: Variant | None = None
+
+
+TableTypes = Mapping[str, Mapping[str, str]]
+
+
+def decide(sub: Subscription, event: Event, types: TableTypes) -> Decision:
+    """What this subscription gets of this event, and why not when nothing."""
+    table_types = types.get(event.table, {})
+    if event.table not in sub.tables:
+        return Decision(False, "table_not_subscribed")
+    if sub.keys.isdisjoint(event.keys):
+        return Decision(False, "not_visible")
+    ids: list[int] = []
+    variant: Variant | None = None
+    reason = "not_visible"
+    for binding in sub.bindings:
+        if binding.table != event.table:
+            continue
+        v = event.variant_for(sub.keys, binding.filter, table_types)
+        if v is None:
+            if event.variant_for(sub.keys, None, table_types) is not None:
+                reason = "filter_mismatch"
+            continue
+        if not binding.wants(event.delivered_type(v)):
+            reason = "event_type_mismatch"
+            continue
+        # Bindings of one channel may disagree only through filters; the first match's
+        # variant is the one sent (every matching id is listed).
+        variant = variant or v
+        ids.append(binding.id)
+    if variant is None:
+        return Decision(False, reason)
+    return Decision(True, "delivered", tuple(ids), variant)
+
+
+class Router:
+    def __init__(self, types: TableTypes, columns: Mapping[str, list[dict[str, str]]]) -> None:
+        self.types = types
+        self.columns = columns
+        self._index: dict[tuple[str, str], set[Subscription]] = defaultdict(set)
+        self.subscriptions: set[Subscription] = set()
+
+    def add(self, sub: Subscription) -> None:
+        self.subscriptions.add(sub)
+        for table in sub.tables:
+            for key in sub.keys:
+                self._index[(table, key)].add(sub)
+
+    def remove(self, sub: Subscription) -> None:
+        self.subscriptions.discard(sub)
+        for table in sub.tables:
+            for key in sub.keys:
+                bucket = self._index.get((table, key))
+                if bucket is not None:
+                    bucket.discard(sub)
+                    if not bucket:
+                        del self._index[(table, key)]
+
+    def rekey(self, sub: Subscription, keys: frozenset[str]) -> None:
+        """A subscriber's keys changed (a refreshed token): move it in the index."""
+        self.remove(sub)
+        sub.keys = keys
+        self.add(sub)
+
+    def candidates(self, event: Event) -> set[Subscription]:
+        found: set[Subscription] = set()
+        for key in event.keys:
+            bucket = self._index.get((event.table, key))
+            if bucket:
+                found |= bucket
+        return found
+
+    def route(self, event: Event) -> dict[str, int]:
+        """Offer the event to every subscription that may see it; count outcomes by reason."""
+        outcomes: dict[str, int] = defaultdict(int)
+        for sub in self.candidates(event):
+            if sub.buffering:
+                sub.buffer.append(event)
+                outcomes["buffered"] += 1
+                continue
+            outcomes[self.deliver(sub, event)] += 1
+        return outcomes
+
+    def deliver(self, sub: Subscription, event: Event) -> str:
+        """Deliver one event to one subscription; return the outcome."""
+        if event.id <= sub.cursor:
+            return "duplicate"
+        decision = decide(sub, event, self.types)
+        sub.cursor = event.id
+        if not decision.delivered or decision.variant is None:
+            return decision.reason
+        data = event.encoded(decision.variant, self.columns.get(event.table, []))
+        if not sub.sink.offer(event, list(decision.ids), data):
+            return "queue_full"
+        return "delivered"
+
+    def finish_replay(self, sub: Subscription) -> dict[str, int]:
+        """After a resume's replay: deliver what arrived meanwhile, then go live."""
+        outcomes: dict[str, int] = defaultdict(int)
+        buffered, sub.buffer = sub.buffer, []
+        for event in buffered:
+            outcomes[self.deliver(sub, event)] += 1
+        sub.buffering = False
+        return outcomes
+
+    def explain(self, keys: Iterable[str], event: Event, binding: Binding | None = None) -> str:
+        """A sentence saying whether a principal with these keys gets the event, and why."""
+        principal = frozenset(keys)
+        sub = Subscription(
+            keys=principal,
+            bindings=(binding or Binding(id=0, table=event.table, event="*"),),
+            sink=_NullSink(),
+            transport="explain",
+        )
+        decision = decide(sub, event, self.types)
+        if decision.delivered:
+            shared = sorted(principal & (event.new_keys | event.old_keys))
+            kind = "a removal (DELETE)" if decision.variant is Variant.REMOVAL else event.type
+            return f"delivered as {kind}: the principal holds {', '.join(shared)}"
+        return (
+            f"not delivered ({decision.reason}): the row's keys are new {sorted(event.new_keys)}"
+            f" / old {sorted(event.old_keys)}; the principal holds {sorted(principal)}"
+        )
+
+
+class _NullSink:
+    def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
+        return True
