@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import psycopg
+
 from conftest import Account, LiveWorld
 
 
