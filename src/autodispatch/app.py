@@ -20,7 +20,8 @@ from autodispatch.db import migrate
 from autodispatch.db.database import Database
 from autodispatch.identity.accounts import Accounts
 from autodispatch.metrics import Metrics
-from autodispatch.realtime import sse
+from autodispatch.realtime import sse, websocket
+from autodispatch.realtime.broker import Broker
 from autodispatch.realtime.hub import Hub, RealtimeSettings
 from autodispatch.realtime.metrics import RealtimeMetrics
 
@@ -113,16 +114,28 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         ),
     )
 
+    broker = Broker(db)
+    gateway = websocket.Gateway(
+        realtime,
+        broker,
+        accounts.tokens,
+        websocket.Limits(queue_size=settings.realtime_queue_size),
+    )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await db.open()
         stop = asyncio.Event()
         expiry = asyncio.create_task(run_expiry(services, stop), name="expiry")
         await realtime.start()
+        await broker.start()
         try:
             yield
         finally:
             stop.set()
+            for conn in list(gateway.connections):
+                await conn.shutdown()
+            await broker.stop()
             await realtime.stop()
             await expiry
             await db.close()
@@ -135,8 +148,9 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     )
     app.state.services = services
     app.state.realtime = realtime
+    app.state.gateway = gateway
     errors.install(app)
-    for module in (system, auth, dispatch, catalog, payments, sse):
+    for module in (system, auth, dispatch, catalog, payments, sse, websocket):
         app.include_router(module.router)
 
     app.add_middleware(MeasureRequests, metrics=services.metrics)

@@ -7,14 +7,13 @@ row-level security applies: ``keys(row) && principal_keys``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from autodispatch.realtime.protocol import Filter, matches
+from autodispatch.realtime.protocol import Filter, encode_json, matches
 
 
 class Variant(Enum):
@@ -104,6 +103,6 @@ class Event:
         """The ``data`` JSON, encoded once per variant and shared by every recipient."""
         cached = self._encoded.get(variant)
         if cached is None:
-            cached = json.dumps(self.data(variant, columns), separators=(",", ":"), default=str)
+            cached = encode_json(self.data(variant, columns))
             self._encoded[variant] = cached
         return cached
