@@ -221,6 +221,43 @@ def main() -> None:
         raise SystemExit(130) from None
 
 
+@app.command("explain-delivery")
+def explain_delivery_command(
+    event: Annotated[int, typer.Option(help="Event id (the SSE id / data.event_id)")],
+    user: Annotated[str, typer.Option(help="Email of the user")],
+    event_type: Annotated[
+        str, typer.Option("--event-type", help="Subscribed event: * or INSERT, UPDATE, DELETE")
+    ] = "*",
+    row_filter: Annotated[
+        str | None, typer.Option("--filter", help="Subscription filter, e.g. status=eq.queued")
+    ] = None,
+) -> None:
+    """Say whether a user gets an event, and which visibility key or filter decides it.
+
+    Exit code 0: delivered; 1: not delivered (or no such event/user)."""
+    from autodispatch.db.database import Database
+    from autodispatch.realtime.explain import explain_delivery
+
+    settings = Settings.from_env()
+
+    async def go(url: str) -> tuple[bool, str]:
+        db = Database(url, min_size=1, max_size=2)
+        await db.open()
+        try:
+            found = await explain_delivery(
+                db, event, user, event_filter=event_type, row_filter=row_filter
+            )
+            return found.delivered, found.text
+        finally:
+            await db.close()
+
+    with database(settings) as url:
+        delivered, text = asyncio.run(go(url))
+    out.print(text, highlight=False)
+    if not delivered:
+        raise typer.Exit(1)
+
+
 bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
