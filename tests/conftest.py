@@ -95,6 +95,23 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings.from_env({}, **values)
 
 
+def request_body(*, type: str = "free", workshop_id: Any = None) -> dict[str, Any]:
+    """The body of POST /api/sessions for a typical request."""
+    body: dict[str, Any] = {
+        "type": type,
+        "intake": {
+            "name": "Dana Driver",
+            "vehicle_year": 2016,
+            "vehicle_make": "Toyota",
+            "vehicle_model": "Corolla",
+            "concern": "Grinding noise when braking",
+        },
+    }
+    if workshop_id is not None:
+        body["workshop_id"] = str(workshop_id)
+    return body
+
+
 @dataclass
 class Account:
     id: uuid.UUID
@@ -125,6 +142,23 @@ class World:
     workshop_id: uuid.UUID
     rival_workshop_id: uuid.UUID
 
+    async def populate(self) -> None:
+        """Create the standard cast of accounts."""
+        self.customer = await self.account("cara@test.example", "customer", "Cara Customer")
+        self.other_customer = await self.account("olly@test.example", "customer", "Olly Other")
+        self.mechanic = await self.account("mo@test.example", "mechanic", "Mo Mechanic")
+        self.other_mechanic = await self.account("max@test.example", "mechanic", "Max Mechanic")
+        self.workshop_mechanic = await self.account(
+            "wes@test.example", "mechanic", "Wes Workshop", workshop="North Garage"
+        )
+        self.rival_workshop_mechanic = await self.account(
+            "rita@test.example", "mechanic", "Rita Rival", workshop="South Garage"
+        )
+        self.admin = await self.account("ada@test.example", "admin", "Ada Admin")
+        assert self.workshop_mechanic.workshop_id and self.rival_workshop_mechanic.workshop_id
+        self.workshop_id = self.workshop_mechanic.workshop_id
+        self.rival_workshop_id = self.rival_workshop_mechanic.workshop_id
+
     async def account(
         self, email: str, account_type: str, name: str, workshop: str | None = None
     ) -> Account:
@@ -153,18 +187,7 @@ class World:
         self, customer: Account | None = None, *, type: str = "free", workshop_id: Any = None
     ) -> dict[str, Any]:
         """A new session request by ``customer`` (assignment in pending_waiver)."""
-        body: dict[str, Any] = {
-            "type": type,
-            "intake": {
-                "name": "Dana Driver",
-                "vehicle_year": 2016,
-                "vehicle_make": "Toyota",
-                "vehicle_model": "Corolla",
-                "concern": "Grinding noise when braking",
-            },
-        }
-        if workshop_id is not None:
-            body["workshop_id"] = str(workshop_id)
+        body = request_body(type=type, workshop_id=workshop_id)
         r = await self.client.post(
             "/api/sessions", json=body, headers=(customer or self.customer).headers
         )
@@ -200,20 +223,7 @@ async def world(db_url: str, tmp_path: Path) -> AsyncIterator[World]:
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
     ):
         w = World(app, client, *([None] * 9))  # type: ignore[arg-type]
-        w.customer = await w.account("cara@test.example", "customer", "Cara Customer")
-        w.other_customer = await w.account("olly@test.example", "customer", "Olly Other")
-        w.mechanic = await w.account("mo@test.example", "mechanic", "Mo Mechanic")
-        w.other_mechanic = await w.account("max@test.example", "mechanic", "Max Mechanic")
-        w.workshop_mechanic = await w.account(
-            "wes@test.example", "mechanic", "Wes Workshop", workshop="North Garage"
-        )
-        w.rival_workshop_mechanic = await w.account(
-            "rita@test.example", "mechanic", "Rita Rival", workshop="South Garage"
-        )
-        w.admin = await w.account("ada@test.example", "admin", "Ada Admin")
-        assert w.workshop_mechanic.workshop_id and w.rival_workshop_mechanic.workshop_id
-        w.workshop_id = w.workshop_mechanic.workshop_id
-        w.rival_workshop_id = w.rival_workshop_mechanic.workshop_id
+        await w.populate()
         yield w
 
 
@@ -293,18 +303,7 @@ class LiveWorld:
     async def queued(
         self, client: httpx.AsyncClient, customer: Account, workshop_id: Any = None
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "type": "free",
-            "intake": {
-                "name": "Dana Driver",
-                "vehicle_year": 2016,
-                "vehicle_make": "Toyota",
-                "vehicle_model": "Corolla",
-                "concern": "Grinding noise when braking",
-            },
-        }
-        if workshop_id is not None:
-            body["workshop_id"] = str(workshop_id)
+        body = request_body(workshop_id=workshop_id)
         r = await client.post(
             f"{self.server.base}/api/sessions", json=body, headers=customer.headers
         )

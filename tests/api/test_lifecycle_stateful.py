@@ -40,20 +40,7 @@ def test_random_api_sequences_keep_sessions_and_assignments_in_step(
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
     world = World(app, client, *([None] * 9))  # type: ignore[arg-type]
 
-    async def setup() -> None:
-        world.customer = await world.account("c1@t.example", "customer", "Cy One")
-        world.other_customer = await world.account("c2@t.example", "customer", "Cy Two")
-        world.mechanic = await world.account("m1@t.example", "mechanic", "Mo One")
-        world.other_mechanic = await world.account("m2@t.example", "mechanic", "Mo Two")
-        world.workshop_mechanic = await world.account(
-            "w1@t.example", "mechanic", "Wes", workshop="North"
-        )
-        world.rival_workshop_mechanic = await world.account(
-            "w2@t.example", "mechanic", "Rita", workshop="South"
-        )
-        world.admin = await world.account("a@t.example", "admin", "Ada")
-
-    loop.run_until_complete(setup())
+    loop.run_until_complete(world.populate())
     workshops = {
         None: None,
         "north": world.workshop_mechanic.workshop_id,

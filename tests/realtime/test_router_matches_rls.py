@@ -39,20 +39,7 @@ def test_router_and_rls_agree_on_every_event(db_url: str, tmp_path: Path) -> Non
     def run(coro: Any) -> Any:
         return loop.run_until_complete(coro)
 
-    async def setup() -> None:
-        world.customer = await world.account("c1@t.example", "customer", "Cy One")
-        world.other_customer = await world.account("c2@t.example", "customer", "Cy Two")
-        world.mechanic = await world.account("m1@t.example", "mechanic", "Mo One")
-        world.other_mechanic = await world.account("m2@t.example", "mechanic", "Mo Two")
-        world.workshop_mechanic = await world.account(
-            "w1@t.example", "mechanic", "Wes", workshop="North"
-        )
-        world.rival_workshop_mechanic = await world.account(
-            "w2@t.example", "mechanic", "Rita", workshop="South"
-        )
-        world.admin = await world.account("a@t.example", "admin", "Ada")
-
-    run(setup())
+    run(world.populate())
     principals: list[Account | None] = [
         world.customer,
         world.other_customer,
