@@ -20,7 +20,7 @@ from autodispatch.db import migrate
 from autodispatch.db.database import Database
 from autodispatch.identity.accounts import Accounts
 from autodispatch.metrics import Metrics
-from autodispatch.realtime import sse, websocket
+from autodispatch.realtime import rest, sse, websocket
 from autodispatch.realtime.broker import Broker
 from autodispatch.realtime.hub import Hub, RealtimeSettings
 from autodispatch.realtime.metrics import RealtimeMetrics
@@ -111,6 +111,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             poll_interval=settings.realtime_poll_interval,
             retention_seconds=settings.event_retention_seconds,
             queue_size=settings.realtime_queue_size,
+            routing=settings.realtime_routing,  # "keys" unless benchmarking the baseline
         ),
     )
 
@@ -150,7 +151,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     app.state.realtime = realtime
     app.state.gateway = gateway
     errors.install(app)
-    for module in (system, auth, dispatch, catalog, payments, sse, websocket):
+    for module in (system, auth, dispatch, catalog, payments, sse, websocket, rest):
         app.include_router(module.router)
 
     app.add_middleware(MeasureRequests, metrics=services.metrics)

@@ -298,3 +298,72 @@ def bench_contention(
             err.print(f"  {problem}")
         raise typer.Exit(1)
     out.print("Outcome check: exactly one winner per request, every other attempt a 409.")
+
+
+@bench_app.command("realtime")
+def bench_realtime(
+    subscribers: Annotated[
+        int | None, typer.Option(help="Subscribers for the latency figure and the ramp [1000]")
+    ] = None,
+    idle_connections: Annotated[
+        int | None, typer.Option(help="Idle joined connections for the memory figure [5000]")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Events/s of the latency figure [100]")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds of the latency figure [30]")
+    ] = None,
+    processes: Annotated[int, typer.Option(help="Subscriber (load generator) processes")] = 2,
+    baseline: Annotated[
+        bool, typer.Option(help="Also measure the per-subscriber SQL baseline")
+    ] = True,
+    quick: Annotated[
+        bool, typer.Option(help="Scaled down (300 subscribers, 1000 idle, short steps): ~3 min")
+    ] = False,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="An empty database to use instead of a fresh embedded one"),
+    ] = None,
+    profile_server: Annotated[
+        str | None, typer.Option(help="Run the keys server under pyinstrument; text report here")
+    ] = None,
+    json_path: Annotated[
+        str | None, typer.Option("--json", help="Also write the figures as JSON here")
+    ] = None,
+) -> None:
+    """Realtime delivery: latency, sustained deliveries/s, memory per connection, DB work per
+    event, against a per-subscriber-SQL baseline (a real serve process; load in others)."""
+    import json
+    from pathlib import Path
+
+    try:
+        from autodispatch.ops import bench_realtime as bench
+    except ImportError as exc:  # websockets is a test/dev dependency
+        err.print(f"[red]bench realtime needs {exc.name}:[/red] pip install 'autodispatch[test]'")
+        raise typer.Exit(1) from None
+
+    given = {
+        "subscribers": subscribers,
+        "idle_connections": idle_connections,
+        "rate": rate,
+        "duration": duration,
+    }
+    overrides: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    overrides.update(
+        processes=processes,
+        baseline=baseline,
+        database_url=database_url,
+        profile_server=Path(profile_server).resolve() if profile_server else None,
+    )
+    options = (
+        bench.RealtimeOptions.quick_options(**overrides)
+        if quick
+        else bench.RealtimeOptions(**overrides)  # type: ignore[arg-type]
+    )
+    report = bench.realtime(options, lambda step: err.print(f"[dim]… {step}[/dim]"))
+    # The tables are wide: when printing to a file or a pipe, do not fold them to 80 columns.
+    bench.render(report, out if out.is_terminal else Console(width=170))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report.as_json(), indent=2, default=str))
+        err.print(f"Figures written to {json_path}")

@@ -24,6 +24,14 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """The variable's value, one of ``choices``; the first when unset."""
+    raw = env.get(name) or choices[0]
+    if raw not in choices:
+        raise SystemExit(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -42,6 +50,10 @@ class Settings:
     event_retention_seconds: int = 7 * 24 * 3600
     realtime_poll_interval: float = 0.25
     realtime_queue_size: int = 1000
+    # "keys" (the visibility-key index) or "per_subscriber_sql": the hosted service's
+    # method, one SQL query per subscriber per event, kept only as the baseline that
+    # `autodispatch bench realtime` measures against (realtime/baseline.py).
+    realtime_routing: str = "keys"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -59,6 +71,9 @@ class Settings:
                 env, "AUTODISPATCH_EVENT_RETENTION_SECONDS", 7 * 24 * 3600
             ),
             "realtime_queue_size": _int(env, "AUTODISPATCH_REALTIME_QUEUE_SIZE", 1000),
+            "realtime_routing": _choice(
+                env, "AUTODISPATCH_REALTIME_ROUTING", ("keys", "per_subscriber_sql")
+            ),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

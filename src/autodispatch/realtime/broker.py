@@ -72,11 +72,14 @@ class Broker:
             del self.members[topic]
 
     async def broadcast(self, topic: str, event: str, payload: Any, sender: object) -> None:
-        """Deliver to this process's members now, and to other processes through NOTIFY."""
-        self._deliver_broadcast(topic, event, payload, sender)
+        """Deliver to other processes through NOTIFY and to this process's members.
+
+        Published first: a message too large for the bus is refused before anyone gets it.
+        """
         await self._publish(
             {"kind": "broadcast", "topic": topic, "event": event, "payload": payload}
         )
+        self._deliver_broadcast(topic, event, payload, sender)
 
     def presence_state(self, topic: str) -> dict[str, Any]:
         return {
@@ -99,8 +102,8 @@ class Broker:
         joins: dict[str, dict[str, dict[str, Any]]],
         leaves: dict[str, dict[str, dict[str, Any]]],
     ) -> None:
-        self._apply_presence(topic, joins, leaves)
         await self._publish({"kind": "presence", "topic": topic, "joins": joins, "leaves": leaves})
+        self._apply_presence(topic, joins, leaves)
 
     def _apply_presence(
         self,

@@ -8,18 +8,13 @@ from autodispatch.db.database import Database
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.log import load_column_types
 from autodispatch.realtime.protocol import parse_filter
-from autodispatch.realtime.router import Binding, Router, Subscription, decide
+from autodispatch.realtime.router import Binding, NullSink, Router, Subscription, decide
 
 
 @dataclass(frozen=True)
 class Explanation:
     delivered: bool
     text: str
-
-
-class _Nowhere:
-    def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
-        return True
 
 
 async def explain_delivery(
@@ -50,7 +45,7 @@ async def explain_delivery(
         event=event_filter.upper(),
         filter=parse_filter(row_filter) if row_filter else None,
     )
-    sub = Subscription(keys=keys, bindings=(binding,), sink=_Nowhere(), transport="explain")
+    sub = Subscription(keys=keys, bindings=(binding,), sink=NullSink(), transport="explain")
     decision = decide(sub, event, router.types)
     head = (
         f"event {event.id}: {event.type} on {event.table} row {event.row_id};"

@@ -21,14 +21,19 @@ import structlog
 from autodispatch.db.database import Database
 from autodispatch.domain.errors import Conflict
 from autodispatch.domain.principal import Principal
+from autodispatch.realtime.baseline import PerSubscriberSqlRouter
 from autodispatch.realtime.events import Event
-from autodispatch.realtime.log import EventLogReader, load_column_types
+from autodispatch.realtime.log import TX_STATEMENTS, EventLogReader, load_column_types
 from autodispatch.realtime.metrics import RealtimeMetrics
 from autodispatch.realtime.router import Binding, Router, Sink, Subscription
 
 log = structlog.get_logger("autodispatch.realtime")
 
 REALTIME_TABLES = ("sessions", "session_assignments", "feature_flags")
+# How the reader decides who gets an event: "keys" (the router's visibility-key index), or
+# "per_subscriber_sql", the slower hosted-service method kept as the baseline of
+# `autodispatch bench realtime` (realtime/baseline.py). Both deliver the same events.
+ROUTING_STRATEGIES = ("keys", "per_subscriber_sql")
 
 
 class ResyncRequired(Conflict):
@@ -43,6 +48,7 @@ class RealtimeSettings:
     retention_seconds: int = 7 * 24 * 3600
     prune_interval: float = 3600.0
     queue_size: int = 1000
+    routing: str = "keys"  # one of ROUTING_STRATEGIES
 
 
 class Hub:
@@ -52,6 +58,13 @@ class Hub:
         self.settings = settings
         self.router = Router({}, {})
         self.reader = EventLogReader(db, self.router, metrics, poll_interval=settings.poll_interval)
+        if settings.routing not in ROUTING_STRATEGIES:
+            raise ValueError(
+                f"routing must be one of {ROUTING_STRATEGIES}, not {settings.routing!r}"
+            )
+        if settings.routing == "per_subscriber_sql":
+            # Benchmark baseline only: one SQL query per subscriber per event.
+            self.reader.route_async = PerSubscriberSqlRouter(db, self.router, metrics).route
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
@@ -85,6 +98,7 @@ class Hub:
     async def keys_for_user(self, user_id: UUID) -> frozenset[str]:
         async with self.db.as_service() as tx:
             keys = await tx.value("principal_keys_for", {"user_id": user_id})
+        self.metrics.statements("principal_keys", TX_STATEMENTS)
         return frozenset(keys or ["public"])
 
     async def subscribe(
@@ -122,7 +136,10 @@ class Hub:
         except BaseException:
             self.unsubscribe(sub)
             raise
-        self.metrics.count(self.router.finish_replay(sub), transport)
+        self.metrics.count(
+            await self.router.finish_replay_wait(sub, self.reader.slow_consumer_seconds),
+            transport,
+        )
         return sub
 
     async def _replay(self, sub: Subscription, after: int) -> None:
@@ -137,8 +154,14 @@ class Hub:
                         "limit": 1000,
                     },
                 )
+            self.metrics.statements("replay", TX_STATEMENTS)
             for row in rows:
-                outcome = self.router.deliver(sub, Event.from_row(row))
+                # Waits for room: a backlog larger than the queue still arrives in full.
+                outcome = await self.router.deliver_wait(
+                    sub, Event.from_row(row), self.reader.slow_consumer_seconds
+                )
+                if outcome == "slow_consumer":
+                    return
                 if outcome not in ("delivered", "duplicate"):
                     self.metrics.count({outcome: 1}, sub.transport)
             if len(rows) < 1000:
@@ -153,6 +176,7 @@ class Hub:
     async def event(self, event_id: int) -> Event | None:
         async with self.db.as_service() as tx:
             row = await tx.one("event_by_id", {"id": event_id})
+        self.metrics.statements("event_by_id", TX_STATEMENTS)
         return Event.from_row(row) if row else None
 
     async def _prune_forever(self) -> None:
@@ -162,6 +186,7 @@ class Hub:
                     pruned = await tx.value(
                         "prune_events", {"keep_seconds": self.settings.retention_seconds}
                     )
+                self.metrics.statements("prune", TX_STATEMENTS)
                 if pruned:
                     log.info("events_pruned", count=pruned)
             except (psycopg.Error, OSError) as exc:
@@ -171,8 +196,9 @@ class Hub:
 
 
 class QueueSink:
-    """A bounded queue of frames for one connection. Full means the client is too slow:
-    the sink closes (reason ``slow_consumer``) and the client resumes from its cursor."""
+    """A bounded queue of frames for one connection. When it stays full longer than the
+    reader will wait, the client is too slow: the sink closes (reason ``slow_consumer``)
+    and the client resumes from its cursor."""
 
     def __init__(self, maxsize: int, render: Callable[[Event, list[int], str], Any]) -> None:
         self.queue: asyncio.Queue[tuple[Event | None, Any]] = asyncio.Queue(maxsize)
@@ -180,14 +206,27 @@ class QueueSink:
         self.closed_reason: str | None = None
 
     def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
+        """Queue without waiting; False when full (the reader then waits, see log.py)."""
         if self.closed_reason is not None:
             return False
         try:
             self.queue.put_nowait((event, self.render(event, ids, data_json)))
         except asyncio.QueueFull:
-            self.close("slow_consumer")
             return False
         return True
+
+    async def wait_offer(
+        self, event: Event, ids: list[int], data_json: str, timeout: float
+    ) -> bool:
+        if self.closed_reason is not None:
+            return False
+        try:
+            await asyncio.wait_for(
+                self.queue.put((event, self.render(event, ids, data_json))), timeout
+            )
+        except TimeoutError:
+            return False
+        return self.closed_reason is None
 
     def close(self, reason: str) -> None:
         if self.closed_reason is None:

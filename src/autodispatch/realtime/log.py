@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,10 @@ from autodispatch.realtime.router import Router
 log = structlog.get_logger("autodispatch.realtime")
 
 CHANNEL = "autodispatch_events"
+# A service transaction is BEGIN, one query, COMMIT (psycopg sends each on its own).
+TX_STATEMENTS = 3
+
+AsyncRoute = Callable[[Event], Awaitable[Mapping[str, int]]]
 
 
 class EventLogReader:
@@ -43,12 +47,18 @@ class EventLogReader:
         self.poll_interval = poll_interval
         self.batch = batch
         self.position = 0  # the highest event id read and routed
+        self.slow_consumer_seconds = 2.0  # how long a full queue may hold the reader up
         self.started = asyncio.Event()
         self._wake = asyncio.Event()
+        # Hook for a routing strategy that must await per event (the per-subscriber SQL
+        # baseline of `autodispatch bench realtime`, realtime/baseline.py). None: route
+        # with the router's in-memory key index, without awaiting anything.
+        self.route_async: AsyncRoute | None = None
 
     async def head(self) -> tuple[int, int]:
         async with self.db.as_service() as tx:
             row = await tx.one("stream_head")
+        self.metrics.statements("head", TX_STATEMENTS)
         assert row is not None
         return int(row["last_id"]), int(row["pruned_through"])
 
@@ -77,8 +87,13 @@ class EventLogReader:
         while True:
             async with self.db.as_service() as tx:
                 rows = await tx.all("events_after", {"after": self.position, "limit": self.batch})
-            for row in rows:
-                self.route(Event.from_row(row))
+            self.metrics.statements("read_log", TX_STATEMENTS)
+            if self.route_async is None:
+                for row in rows:
+                    await self.route(Event.from_row(row))
+            else:
+                for row in rows:
+                    await self.route_awaiting(Event.from_row(row))
             total += len(rows)
             if len(rows) < self.batch:
                 break
@@ -86,15 +101,36 @@ class EventLogReader:
             self.metrics.log_lag.set(0)
         return total
 
-    def route(self, event: Event) -> None:
+    async def route(self, event: Event) -> None:
+        """Offer the event to every recipient; then, for those whose queue was full, wait
+        for room (up to ``slow_consumer_seconds``) before the next event. A client that
+        reads promptly survives a burst larger than its queue; one that does not is
+        closed as a slow consumer (and resumes from its cursor). Order is kept for all."""
+        self._advance(event)
+        started = time.perf_counter()
+        outcomes, blocked = self.router.route_collecting(event)
+        for sub in blocked:
+            outcome = await self.router.deliver_wait(sub, event, self.slow_consumer_seconds)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        self._routed(event, outcomes, started)
+
+    async def route_awaiting(self, event: Event) -> None:
+        """Route with ``route_async`` (set): the same bookkeeping as ``route``."""
+        assert self.route_async is not None
+        self._advance(event)
+        started = time.perf_counter()
+        outcomes = await self.route_async(event)
+        self._routed(event, outcomes, started)
+
+    def _advance(self, event: Event) -> None:
         if event.id != self.position + 1 and self.position:
             # Ids are contiguous among committed events; a hole means pruning raced us.
             self.metrics.not_delivered.labels("log_gap").inc(event.id - self.position - 1)
             log.warning("event_log_gap", after=self.position, next=event.id)
         self.position = event.id
         self.metrics.events_read.inc()
-        started = time.perf_counter()
-        outcomes = self.router.route(event)
+
+    def _routed(self, event: Event, outcomes: Mapping[str, int], started: float) -> None:
         self.metrics.route_seconds.observe(time.perf_counter() - started)
         lag = (datetime.now(UTC) - event.at).total_seconds()
         self.metrics.log_lag.set(max(lag, 0.0))
@@ -107,11 +143,19 @@ class EventLogReader:
                 conn = await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
                 async with conn:
                     await conn.execute(f"listen {CHANNEL}")
+                    self.metrics.statements("listen")
                     self._wake.set()  # catch up on anything missed while not listening
                     while not stop.is_set():
+                        heard = False
                         async for _ in conn.notifies(timeout=5.0, stop_after=1):
                             self._wake.set()
-                        await conn.execute("select 1")  # liveness
+                            heard = True
+                        # Liveness, only after 5 s of silence: a notification just proved
+                        # the connection alive, and a query after each one cost the
+                        # database a statement per committing transaction.
+                        if not heard:
+                            await conn.execute("select 1")
+                            self.metrics.statements("listen")
             except (psycopg.Error, OSError) as exc:
                 log.warning("event_log_listen_failed", error=str(exc))
                 await asyncio.sleep(1.0)

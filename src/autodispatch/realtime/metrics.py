@@ -64,6 +64,18 @@ class RealtimeMetrics:
             "Failed reads of the event log (retried)",
             registry=registry,
         )
+        # What the database pays for realtime, so `autodispatch bench realtime` can show it
+        # does not grow with subscribers (DESIGN section 7). A service transaction counts
+        # as its BEGIN, its statements and its COMMIT.
+        self.db_statements = Counter(
+            "autodispatch_realtime_db_statements_total",
+            "SQL statements sent by the realtime reader, router and hub, by purpose",
+            ["purpose"],
+            registry=registry,
+        )
+
+    def statements(self, purpose: str, n: int = 1) -> None:
+        self.db_statements.labels(purpose).inc(n)
 
     def count(self, outcomes: Mapping[str, int], transport_hint: str) -> None:
         for reason, n in outcomes.items():

@@ -36,7 +36,17 @@ class Sink(Protocol):
     """Where a subscription's events go (a WebSocket channel, an SSE stream)."""
 
     def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
-        """Queue one event without waiting; False when the sink is full (it then closes)."""
+        """Queue one event without waiting; False when there is no room (nothing else)."""
+        ...
+
+    async def wait_offer(
+        self, event: Event, ids: list[int], data_json: str, timeout: float
+    ) -> bool:
+        """Queue one event, waiting up to ``timeout`` for room; False if none came."""
+        ...
+
+    def close(self, reason: str) -> None:
+        """Close the connection behind this sink, saying why."""
         ...
 
 
@@ -134,35 +144,86 @@ class Router:
         return found
 
     def route(self, event: Event) -> dict[str, int]:
-        """Offer the event to every subscription that may see it; count outcomes by reason."""
+        """Offer the event to every subscription without waiting; outcomes by reason."""
+        outcomes, blocked = self.route_collecting(event)
+        if blocked:
+            outcomes["queue_full"] += len(blocked)
+        return outcomes
+
+    def route_collecting(self, event: Event) -> tuple[dict[str, int], list[Subscription]]:
+        """Offer the event to every subscription that may see it, without waiting.
+
+        Returns the outcomes by reason, and the subscriptions whose queue was full: the
+        caller waits for room (``deliver_wait``) before routing the next event, so a
+        client that reads promptly survives a burst larger than its queue, and one that
+        does not is closed as a slow consumer.
+        """
         outcomes: dict[str, int] = defaultdict(int)
+        blocked: list[Subscription] = []
         for sub in self.candidates(event):
             if sub.buffering:
                 sub.buffer.append(event)
                 outcomes["buffered"] += 1
                 continue
-            outcomes[self.deliver(sub, event)] += 1
-        return outcomes
+            outcome = self.deliver(sub, event)
+            if outcome == "queue_full":
+                blocked.append(sub)
+            else:
+                outcomes[outcome] += 1
+        return outcomes, blocked
+
+    def _decide_and_encode(self, sub: Subscription, event: Event) -> tuple[Decision, str | None]:
+        decision = decide(sub, event, self.types)
+        if not decision.delivered or decision.variant is None:
+            return decision, None
+        return decision, event.encoded(decision.variant, self.columns.get(event.table, []))
 
     def deliver(self, sub: Subscription, event: Event) -> str:
-        """Deliver one event to one subscription; return the outcome."""
+        """Deliver one event to one subscription without waiting; return the outcome.
+
+        On ``queue_full`` the cursor stays put, so the same event can be delivered again.
+        """
         if event.id <= sub.cursor:
             return "duplicate"
-        decision = decide(sub, event, self.types)
-        sub.cursor = event.id
-        if not decision.delivered or decision.variant is None:
+        decision, data = self._decide_and_encode(sub, event)
+        if data is None:
+            sub.cursor = event.id
             return decision.reason
-        data = event.encoded(decision.variant, self.columns.get(event.table, []))
         if not sub.sink.offer(event, list(decision.ids), data):
             return "queue_full"
+        sub.cursor = event.id
+        return "delivered"
+
+    async def deliver_wait(self, sub: Subscription, event: Event, timeout: float) -> str:
+        """Deliver one event, waiting up to ``timeout`` for room; close the sink if none came."""
+        if event.id <= sub.cursor:
+            return "duplicate"
+        decision, data = self._decide_and_encode(sub, event)
+        if data is None:
+            sub.cursor = event.id
+            return decision.reason
+        if not await sub.sink.wait_offer(event, list(decision.ids), data, timeout):
+            sub.sink.close("slow_consumer")
+            return "slow_consumer"
+        sub.cursor = event.id
         return "delivered"
 
     def finish_replay(self, sub: Subscription) -> dict[str, int]:
-        """After a resume's replay: deliver what arrived meanwhile, then go live."""
+        """After a resume's replay: deliver what arrived meanwhile (without waiting)."""
         outcomes: dict[str, int] = defaultdict(int)
         buffered, sub.buffer = sub.buffer, []
         for event in buffered:
             outcomes[self.deliver(sub, event)] += 1
+        sub.buffering = False
+        return outcomes
+
+    async def finish_replay_wait(self, sub: Subscription, timeout: float) -> dict[str, int]:
+        """After a resume's replay: deliver what arrived meanwhile, waiting for room, then
+        go live. Events routed while this waits join the buffer, so order is kept."""
+        outcomes: dict[str, int] = defaultdict(int)
+        while sub.buffer:
+            event = sub.buffer.pop(0)
+            outcomes[await self.deliver_wait(sub, event, timeout)] += 1
         sub.buffering = False
         return outcomes
 
@@ -172,7 +233,7 @@ class Router:
         sub = Subscription(
             keys=principal,
             bindings=(binding or Binding(id=0, table=event.table, event="*"),),
-            sink=_NullSink(),
+            sink=NullSink(),
             transport="explain",
         )
         decision = decide(sub, event, self.types)
@@ -186,6 +247,16 @@ class Router:
         )
 
 
-class _NullSink:
+class NullSink:
+    """A sink that takes everything and sends nothing (for explanations)."""
+
     def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
         return True
+
+    async def wait_offer(
+        self, event: Event, ids: list[int], data_json: str, timeout: float
+    ) -> bool:
+        return True
+
+    def close(self, reason: str) -> None:
+        pass

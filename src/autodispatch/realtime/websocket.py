@@ -50,6 +50,8 @@ class Limits:
     payload_bytes: int = 256 * 1024
     queue_size: int = 1000
     heartbeat_timeout: float = 60.0
+    # A client whose queue stays full this long is a slow consumer and is closed.
+    slow_consumer_seconds: float = 2.0
 
 
 class RateWindow:
@@ -99,19 +101,37 @@ class Channel:
         self.presence_refs: set[str] = set()
         self._held: list[tuple[Event, str]] | None = []  # frames held until the join reply
 
-    # -- row events (the router calls offer) ------------------------------------------
+    # -- row events (the router calls offer, and wait_offer when the queue was full) ----
     def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
         frame = p.postgres_changes_frame(self.topic, ids, data_json, self.conn.vsn)
         if self._held is not None:
             self._held.append((event, frame))
             return True
-        return self.conn.enqueue(frame, event)
+        return self.conn.try_enqueue(frame, event)
 
-    def open(self) -> None:
-        """After the join reply: release the frames replayed meanwhile, then go live."""
-        held, self._held = self._held or [], None
-        for event, frame in held:
-            self.conn.enqueue(frame, event)
+    async def wait_offer(
+        self, event: Event, ids: list[int], data_json: str, timeout: float
+    ) -> bool:
+        frame = p.postgres_changes_frame(self.topic, ids, data_json, self.conn.vsn)
+        if self._held is not None:
+            self._held.append((event, frame))
+            return True
+        return await self.conn.put(frame, event, timeout)
+
+    def close(self, reason: str) -> None:
+        self.conn.close(reason)
+
+    async def open(self, timeout: float) -> None:
+        """After the join reply: release the frames held meanwhile (a resume's replay, and
+        live events that arrived during it), in order, waiting for room in the queue; then
+        go live. Frames offered while this waits are held too, so order is kept."""
+        held = self._held or []
+        while held:
+            event, frame = held.pop(0)
+            if not await self.conn.put(frame, event, timeout):
+                self.conn.close("slow_consumer")
+                return
+        self._held = None
 
     # -- broadcast and presence (the broker calls these) --------------------------------
     def on_broadcast(self, event: str, payload: Any, sender: object | None) -> None:
@@ -155,14 +175,31 @@ class Connection:
         return self.enqueue(frame, None)
 
     def enqueue(self, frame: str | bytes, event: Event | None) -> bool:
+        """Queue a frame; a full queue closes the connection (it cannot keep up)."""
+        if self.try_enqueue(frame, event):
+            return True
+        self.close("slow_consumer")
+        return False
+
+    def try_enqueue(self, frame: str | bytes, event: Event | None) -> bool:
+        """Queue a frame if there is room; False (and nothing else) when full."""
         if self.closing is not None:
             return False
         try:
             self.queue.put_nowait((frame, event))
         except asyncio.QueueFull:
-            self.close("slow_consumer")
             return False
         return True
+
+    async def put(self, frame: str | bytes, event: Event | None, timeout: float) -> bool:
+        """Queue a frame, waiting up to ``timeout`` for room; False if it never came."""
+        if self.closing is not None:
+            return False
+        try:
+            await asyncio.wait_for(self.queue.put((frame, event)), timeout)
+        except TimeoutError:
+            return False
+        return self.closing is None
 
     def close(self, reason: str) -> None:
         if self.closing is None:
@@ -220,7 +257,7 @@ class Connection:
         try:
             await self.dispatch(msg)
         except Exception:  # one bad message must not kill the socket or pass silently
-            log.exception("websocket_message_failed", topic=msg.topic, event=msg.event)
+            log.exception("websocket_message_failed", topic=msg.topic, push_event=msg.event)
             self.gateway.hub.metrics.reader_errors.inc()
             self.refuse(msg, "InternalError", "the server failed to handle this message; try again")
 
@@ -258,7 +295,7 @@ class Connection:
 
     def refuse(self, msg: p.Message, code: str, message: str) -> None:
         """An error reply to ``msg``: ``"Code: message"``."""
-        self.refuse(msg, code, message)
+        self.send(p.reply_error(msg.topic, msg.ref, msg.join_ref, f"{code}: {message}"))
 
     def principal_for(self, token: str | None) -> Principal:
         if token is None:
@@ -313,7 +350,7 @@ class Connection:
         self.send(p.reply_ok(msg.topic, msg.ref, msg.join_ref, p.join_reply_response(config)))
         if bindings:
             self.send(p.system_subscribed(msg.topic))
-        channel.open()
+        await channel.open(gateway.limits.slow_consumer_seconds)
         if config.presence_enabled:
             self.send(p.presence_state(msg.topic, gateway.broker.presence_state(msg.topic)))
 

@@ -7,7 +7,8 @@
 // stdout: one JSON object per line, each with a "type":
 //   status {status, error}, postgres_changes {binding, payload}, broadcast {payload},
 //   presence {event, key, newPresences|leftPresences, state}, system {payload},
-//   result {id, result}, socket {event, code?, reason?}, exit {reason}
+//   result {id, result}, socket {event, code?, reason?}, sent {binary, kind}, hello {url},
+//   exit {reason}
 // stdin: one JSON command per line:
 //   {cmd: "send", id, message}, {cmd: "track", id, payload}, {cmd: "untrack", id},
 //   {cmd: "state", id}, {cmd: "exit"}
@@ -18,6 +19,15 @@ const readline = require('readline')
 const dir = process.env.RTJS_DIR
 const { RealtimeClient } = require(dir + '/node_modules/@supabase/realtime-js')
 const WebSocket = require(dir + '/node_modules/ws')
+
+// The ws transport, reporting the kind of every frame the client sends ("sent" lines).
+class ReportingWebSocket extends WebSocket {
+  send(data, ...rest) {
+    const binary = typeof data !== 'string'
+    out({ type: 'sent', binary, kind: binary ? new Uint8Array(data)[0] : null })
+    return super.send(data, ...rest)
+  }
+}
 
 const cfg = JSON.parse(process.argv[2])
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
@@ -32,12 +42,14 @@ function finish(reason) {
 }
 
 const client = new RealtimeClient(cfg.url, {
-  transport: WebSocket,
+  transport: ReportingWebSocket,
   params: { apikey: cfg.apikey },
   ...(cfg.vsn ? { vsn: cfg.vsn } : {}),
   heartbeatIntervalMs: 25000,
   timeout: 10000,
 })
+const version = require(dir + '/node_modules/@supabase/realtime-js/package.json').version
+out({ type: 'hello', url: client.endpointURL(), version })
 const conn = client.socketAdapter
 if (conn && typeof conn.onClose === 'function') {
   conn.onClose((e) => out({ type: 'socket', event: 'close', code: e && e.code, reason: e && e.reason }))
