@@ -308,9 +308,7 @@ def bench_realtime(
     idle_connections: Annotated[
         int | None, typer.Option(help="Idle joined connections for the memory figure [5000]")
     ] = None,
-    rate: Annotated[
-        float | None, typer.Option(help="Events/s of the latency figure [100]")
-    ] = None,
+    rate: Annotated[float | None, typer.Option(help="Events/s of the latency figure [100]")] = None,
     duration: Annotated[
         float | None, typer.Option(help="Seconds of the latency figure [30]")
     ] = None,
