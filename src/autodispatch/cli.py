@@ -8,16 +8,19 @@ import logging
 import signal
 import sys
 from collections.abc import Iterator
+from types import FrameType
 from typing import Annotated
 
 import psycopg
 import structlog
 import typer
+import uvicorn
 from rich.console import Console
 
 from autodispatch.config import Settings
 from autodispatch.db import migrate as migrations
 from autodispatch.db.urls import with_database
+from autodispatch.realtime.websocket import Gateway
 
 app = typer.Typer(
     help="Realtime dispatch of customer session requests to mechanics.",
@@ -92,8 +95,6 @@ def serve(
     demo: Annotated[bool, typer.Option(help="Create the demo accounts and print them")] = False,
 ) -> None:
     """Serve the API, realtime and pages in one process."""
-    import uvicorn
-
     from autodispatch.app import create_app
     from autodispatch.db.database import Database
     from autodispatch.identity.accounts import Accounts
@@ -124,19 +125,32 @@ def serve(
         # uvicorn re-raises SIGTERM once it has shut down; with the default handler that
         # would kill us before the embedded PostgreSQL is stopped, so turn it into an exit.
         signal.signal(signal.SIGTERM, _exit_on_signal)
+        web_app = create_app(settings, url)
         config = uvicorn.Config(
-            create_app(settings, url),
+            web_app,
             host=host,
             port=port,
             log_level="info",
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
-        server = uvicorn.Server(config)
+        server = AnnouncingServer(config, web_app.state.gateway)
         server.run()
         if not server.started:
             err.print(f"[red]The server did not start[/red] (is port {port} in use?)")
             raise typer.Exit(1)
+
+
+class AnnouncingServer(uvicorn.Server):
+    """uvicorn's server, telling realtime clients why before it closes their sockets."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.gateway.announce_shutdown()
+        super().handle_exit(sig, frame)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

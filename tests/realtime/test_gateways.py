@@ -170,3 +170,39 @@ def test_sigkill_mid_stream_loses_nothing_for_resumed_clients(home: Path) -> Non
         assert ids == list(range(int(cursor) + 1, int(cursor) + 1 + writes))
     finally:
         second.stop()
+
+
+def test_shutdown_tells_each_channel_then_closes_with_1012(home: Path) -> None:
+    """SIGTERM: every joined channel gets a `system` ServerShutdown message, then the socket
+    closes with code 1012 (service restart), so clients reconnect and resume."""
+    import websockets
+
+    from autodispatch.realtime import protocol as p
+
+    s = Serve(home)
+    s.wait_ready()
+
+    async def scenario() -> tuple[list[p.Message], int | None]:
+        async with httpx.AsyncClient() as http:
+            anon = (await http.get(f"{s.base}/api/config")).json()["anon_key"]
+        url = f"ws://127.0.0.1:{s.port}/realtime/v1/websocket?apikey={anon}&vsn=1.0.0"
+        got: list[p.Message] = []
+        async with websockets.connect(url) as ws:
+            join = {"config": {"postgres_changes": [{"event": "*", "table": "feature_flags"}]}}
+            await ws.send(
+                p.encode(p.Message("1", "1", "realtime:flags", "phx_join", join), p.VSN_1)
+            )
+            got.append(p.decode(await ws.recv(), p.VSN_1))
+            s.proc.send_signal(signal.SIGTERM)
+            try:
+                while True:
+                    got.append(p.decode(await asyncio.wait_for(ws.recv(), 10), p.VSN_1))
+            except websockets.ConnectionClosed as closed:
+                return got, closed.rcvd.code if closed.rcvd else None
+
+    messages, code = asyncio.run(scenario())
+    s.stop()  # already exiting: waits, and closes the log
+    assert messages[0].payload["status"] == "ok"
+    system = [m for m in messages if m.event == "system" and m.payload["status"] == "error"]
+    assert system and "ServerShutdown" in system[0].payload["message"]
+    assert code == 1012

@@ -81,6 +81,13 @@ class Gateway:
         self.limits = limits
         self.connections: set[Connection] = set()
 
+    def announce_shutdown(self) -> None:
+        """Tell every channel the server is going away (uvicorn then closes with 1012);
+        clients reconnect, to this server or another, and resume from their cursor."""
+        for conn in list(self.connections):
+            for channel in list(conn.channels.values()):
+                conn.send(p.system_error(channel.topic, "system", "ServerShutdown: reconnect"))
+
 
 class Channel:
     def __init__(
@@ -432,7 +439,7 @@ class Connection:
 
     async def shutdown(self) -> None:
         for channel in list(self.channels.values()):
-            self.send(p.system_error(channel.topic, "system", "Server is shutting down"))
+            self.send(p.system_error(channel.topic, "system", "ServerShutdown: reconnect"))
         self.close("shutdown")
 
 
