@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Depends, Response
+from fastapi.responses import JSONResponse
 
 from autodispatch.api import deps
 from autodispatch.api.models import (
@@ -110,12 +111,18 @@ async def sign_waiver(
     return pair
 
 
+def pair_response(pair: dict[str, Any]) -> JSONResponse:
+    """The pair as JSON, sent as is: it comes from jsonb, already in its wire shape, so the
+    hot paths (accept, start, end) skip validating it again against the response model."""
+    return JSONResponse(pair, headers=NO_STORE)
+
+
 async def _session_action(
     svc: deps.Services, caller: Principal, session_id: UUID, query: str, **params: Any
-) -> dict[str, Any]:
+) -> JSONResponse:
     async with svc.db.as_principal(caller) as tx:
         await tx.one(query, {"session_id": session_id, **params})
-        return await read_pair(tx, session_id)
+        return pair_response(await read_pair(tx, session_id))
 
 
 @router.post("/sessions/{session_id}/start", response_model=SessionAndAssignment, tags=["sessions"])
@@ -123,7 +130,7 @@ async def start_session(
     session_id: UUID,
     caller: Principal = Depends(deps.user),
     svc: deps.Services = Depends(deps.services),
-) -> dict[str, Any]:
+) -> JSONResponse:
     """Start an accepted session (the customer or the accepted mechanic)."""
     return await _session_action(svc, caller, session_id, "start_session")
 
@@ -133,7 +140,7 @@ async def end_session(
     session_id: UUID,
     caller: Principal = Depends(deps.user),
     svc: deps.Services = Depends(deps.services),
-) -> dict[str, Any]:
+) -> JSONResponse:
     """End a session from either side: `completed` if it went live, else `cancelled`."""
     return await _session_action(svc, caller, session_id, "end_session", cancel=False)
 
@@ -145,7 +152,7 @@ async def cancel_session(
     session_id: UUID,
     caller: Principal = Depends(deps.user),
     svc: deps.Services = Depends(deps.services),
-) -> dict[str, Any]:
+) -> JSONResponse:
     """Cancel a session that has not ended; it leaves every queue."""
     return await _session_action(svc, caller, session_id, "end_session", cancel=True)
 
@@ -167,10 +174,10 @@ async def mechanic_queue(
 
 async def _assignment_action(
     svc: deps.Services, caller: Principal, query: str, params: dict[str, Any]
-) -> dict[str, Any]:
+) -> JSONResponse:
     async with svc.db.as_principal(caller) as tx:
         session_id = await tx.value(query, params)
-        return await read_pair(tx, session_id)
+        return pair_response(await read_pair(tx, session_id))
 
 
 @router.get("/assignments/{assignment_id}", tags=["assignments"])
@@ -195,7 +202,7 @@ async def accept(
     assignment_id: UUID,
     caller: Principal = Depends(deps.user),
     svc: deps.Services = Depends(deps.services),
-) -> dict[str, Any]:
+) -> JSONResponse:
     """Take a request. The first mechanic wins; everyone else gets 409 `already_taken`."""
     return await _assignment_action(
         svc, caller, "accept_assignment", {"assignment_id": assignment_id}
@@ -211,7 +218,7 @@ async def decline(
     assignment_id: UUID,
     caller: Principal = Depends(deps.user),
     svc: deps.Services = Depends(deps.services),
-) -> dict[str, Any]:
+) -> JSONResponse:
     """Decline an offer made to you; the request goes back to everyone's queue."""
     return await _assignment_action(
         svc, caller, "decline_assignment", {"assignment_id": assignment_id}
@@ -226,7 +233,7 @@ async def offer(
     body: Offer,
     caller: Principal = Depends(deps.admin),
     svc: deps.Services = Depends(deps.services),
-) -> dict[str, Any]:
+) -> JSONResponse:
     """Offer a queued request to one mechanic for `ttl_seconds`; then it returns to the queue."""
     return await _assignment_action(
         svc,
