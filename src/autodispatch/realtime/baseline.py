@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from autodispatch.db.database import Database
@@ -147,10 +147,17 @@ def decide_visible(
 class PerSubscriberSqlRouter:
     """Routes each event with one SQL visibility query per subscriber of its table."""
 
-    def __init__(self, db: Database, router: Router, metrics: RealtimeMetrics) -> None:
+    def __init__(
+        self,
+        db: Database,
+        router: Router,
+        metrics: RealtimeMetrics,
+        wait_seconds: Callable[[], float],
+    ) -> None:
         self.db = db
         self.router = router  # its subscriptions, column types and replay buffers
         self.metrics = metrics
+        self.wait_seconds = wait_seconds  # the reader's slow_consumer_seconds
 
     async def route(self, event: Event) -> dict[str, int]:
         outcomes: dict[str, int] = defaultdict(int)
@@ -173,18 +180,31 @@ class PerSubscriberSqlRouter:
         identities = {sub: _identity(sub.keys) for sub in candidates}
         answers = await self._visible(event, set(identities.values()))
         columns = self.router.columns.get(event.table, [])
+        blocked: list[tuple[Subscription, list[int], str]] = []
         for sub in candidates:
             if sub not in self.router.subscriptions:
                 continue  # left while we asked
             new_visible, old_visible = answers[identities[sub]]
             decision = decide_visible(sub, event, new_visible, old_visible, self.router.types)
-            sub.cursor = event.id
             if not decision.delivered or decision.variant is None:
+                sub.cursor = event.id
                 outcomes[decision.reason] += 1
                 continue
             data = event.encoded(decision.variant, columns)
-            delivered = sub.sink.offer(event, list(decision.ids), data)
-            outcomes["delivered" if delivered else "queue_full"] += 1
+            if sub.sink.offer(event, list(decision.ids), data):
+                sub.cursor = event.id
+                outcomes["delivered"] += 1
+            else:
+                blocked.append((sub, list(decision.ids), data))
+        # Full queues: wait for room (bounded) and close slow consumers, as the key
+        # router's reader does (log.py, Router.deliver_wait).
+        for sub, ids, data in blocked:
+            if await sub.sink.wait_offer(event, ids, data, self.wait_seconds()):
+                sub.cursor = event.id
+                outcomes["delivered"] += 1
+            else:
+                sub.sink.close("slow_consumer")
+                outcomes["slow_consumer"] += 1
         return outcomes
 
     async def _visible(

@@ -64,7 +64,10 @@ class Hub:
             )
         if settings.routing == "per_subscriber_sql":
             # Benchmark baseline only: one SQL query per subscriber per event.
-            self.reader.route_async = PerSubscriberSqlRouter(db, self.router, metrics).route
+            baseline = PerSubscriberSqlRouter(
+                db, self.router, metrics, lambda: self.reader.slow_consumer_seconds
+            )
+            self.reader.route_async = baseline.route
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
