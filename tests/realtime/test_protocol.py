@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fcntl
 import itertools
 import json
 import os
@@ -20,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import npm_cache
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -998,37 +998,10 @@ async def test_python_client_fails_the_channel_on_a_changed_binding(python_clien
 
 
 def install_realtime_js() -> Path:
-    """The npm package in a per-version folder, installed once per machine (under a lock)."""
-    folder = REALTIME_JS_CACHE / f"realtime-js-{REALTIME_JS_VERSION}"
-    marker = folder / "installed"
-    if marker.exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "install.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
-            npm = shutil.which("npm")
-            if npm is None:
-                raise RuntimeError("node is installed but npm is not: install npm")
-            (folder / "package.json").write_text('{"private": true}\n')
-            result = subprocess.run(
-                [
-                    npm,
-                    "install",
-                    "--no-audit",
-                    "--no-fund",
-                    f"@supabase/realtime-js@{REALTIME_JS_VERSION}",
-                ],
-                cwd=folder,
-                capture_output=True,
-                text=True,
-                timeout=240,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise RuntimeError(f"npm install failed:\n{result.stdout}\n{result.stderr}")
-            marker.write_text(REALTIME_JS_VERSION)
-    return folder
+    """The npm package, installed once per machine (see npm_cache)."""
+    return npm_cache.install(
+        f"realtime-js-{REALTIME_JS_VERSION}", [f"@supabase/realtime-js@{REALTIME_JS_VERSION}"]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import npm_cache
 import psycopg
 import pytest
 
@@ -43,38 +42,11 @@ FLAGS = {"event": "UPDATE", "schema": "public", "table": "feature_flags"}
 
 
 def install_realtime_js_with_ws() -> Path:
-    """realtime-js and ws in a per-version folder, installed once per machine (under a lock)."""
-    folder = NPM_CACHE / f"realtime-js-{REALTIME_JS_VERSION}-ws-{WS_VERSION}"
-    marker = folder / "installed"
-    if marker.exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "install.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
-            npm = shutil.which("npm")
-            if npm is None:
-                raise RuntimeError("node is installed but npm is not: install npm")
-            (folder / "package.json").write_text('{"private": true}\n')
-            result = subprocess.run(
-                [
-                    npm,
-                    "install",
-                    "--no-audit",
-                    "--no-fund",
-                    f"@supabase/realtime-js@{REALTIME_JS_VERSION}",
-                    f"ws@{WS_VERSION}",
-                ],
-                cwd=folder,
-                capture_output=True,
-                text=True,
-                timeout=240,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise RuntimeError(f"npm install failed:\n{result.stdout}\n{result.stderr}")
-            marker.write_text(f"{REALTIME_JS_VERSION} {WS_VERSION}")
-    return folder
+    """realtime-js and ws, installed once per machine (see npm_cache)."""
+    return npm_cache.install(
+        f"realtime-js-{REALTIME_JS_VERSION}-ws-{WS_VERSION}",
+        [f"@supabase/realtime-js@{REALTIME_JS_VERSION}", f"ws@{WS_VERSION}"],
+    )
 
 
 @pytest.fixture(scope="session")
