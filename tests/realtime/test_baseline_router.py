@@ -46,10 +46,10 @@ async def _caught_up(hub: Hub, world: World) -> None:
         row = await tx.one("stream_head")
     assert row is not None
     for _ in range(500):
-        if hub.reader.position >= row["last_id"]:
+        if hub.reader.routed >= row["last_id"]:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"reader stuck at {hub.reader.position} < {row['last_id']}")
+    raise AssertionError(f"reader stuck at {hub.reader.routed} < {row['last_id']}")
 
 
 async def test_per_subscriber_sql_delivers_what_the_key_router_delivers(world: World) -> None:

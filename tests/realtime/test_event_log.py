@@ -34,6 +34,9 @@ def test_concurrent_writers_committing_out_of_order_skip_nothing(db_url: str) ->
         position = start[0]
         with psycopg.connect(db_url, autocommit=True) as conn:
             while True:
+                # Read the flag before querying: once it is set, every writer has
+                # committed, so an empty answer then really is the end of the log.
+                stopping = stop.is_set()
                 rows = conn.execute(
                     "select id, row_id, record from realtime.events where id > %s order by id",
                     (position,),
@@ -43,7 +46,7 @@ def test_concurrent_writers_committing_out_of_order_skip_nothing(db_url: str) ->
                         reader_errors.append(f"after {position} came {event_id}")
                     position = event_id
                     seen.append((event_id, row_id, record))
-                if stop.is_set() and not rows:
+                if stopping and not rows:
                     return
                 time.sleep(0.001)
 

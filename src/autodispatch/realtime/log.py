@@ -46,7 +46,8 @@ class EventLogReader:
         self.metrics = metrics
         self.poll_interval = poll_interval
         self.batch = batch
-        self.position = 0  # the highest event id read and routed
+        self.position = 0  # the highest event id read (its routing may still be under way)
+        self.routed = 0  # the highest event id whose routing has finished
         self.slow_consumer_seconds = 2.0  # how long a full queue may hold the reader up
         self.started = asyncio.Event()
         self._wake = asyncio.Event()
@@ -131,6 +132,7 @@ class EventLogReader:
         self.metrics.events_read.inc()
 
     def _routed(self, event: Event, outcomes: Mapping[str, int], started: float) -> None:
+        self.routed = event.id
         self.metrics.route_seconds.observe(time.perf_counter() - started)
         lag = (datetime.now(UTC) - event.at).total_seconds()
         self.metrics.log_lag.set(max(lag, 0.0))
