@@ -25,10 +25,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from autodispatch.db.database import Database
-from autodispatch.realtime.events import Event, Variant
+from autodispatch.realtime.events import Event
 from autodispatch.realtime.metrics import RealtimeMetrics
-from autodispatch.realtime.protocol import Filter, matches
-from autodispatch.realtime.router import Decision, Router, Subscription
+from autodispatch.realtime.router import Decision, Router, Subscription, decide_bindings
 
 # One statement per subscriber. The claims are set in a materialized CTE, so they are in
 # place before the outer select (and the RLS predicate in it) is evaluated.
@@ -88,28 +87,6 @@ def _row_json(event: Event, record: dict[str, Any] | None, keys: frozenset[str])
     return json.dumps(record, default=str)
 
 
-def _variant(
-    event: Event,
-    new_visible: bool,
-    old_visible: bool,
-    row_filter: Filter | None,
-    types: Mapping[str, str],
-) -> Variant | None:
-    """``Event.variant_for`` with visibility answered by SQL instead of by keys."""
-    new = event.record is not None and new_visible
-    old = event.old_record is not None and old_visible
-    if row_filter is not None:
-        new = new and matches(row_filter, event.record or {}, types)
-        old = old and matches(row_filter, event.old_record or {}, types)
-    if new:
-        if event.type == "UPDATE" and not old:
-            return Variant.CHANGE_WITHOUT_OLD
-        return Variant.CHANGE
-    if old:
-        return Variant.REMOVAL
-    return None
-
-
 def decide_visible(
     sub: Subscription,
     event: Event,
@@ -118,30 +95,14 @@ def decide_visible(
     types: Mapping[str, Mapping[str, str]],
 ) -> Decision:
     """``router.decide`` with visibility answered by SQL instead of by keys."""
-    table_types = types.get(event.table, {})
     if event.table not in sub.tables:
         return Decision(False, "table_not_subscribed")
     if not (new_visible or old_visible):
         return Decision(False, "not_visible")
-    ids: list[int] = []
-    variant: Variant | None = None
-    reason = "not_visible"
-    for binding in sub.bindings:
-        if binding.table != event.table:
-            continue
-        v = _variant(event, new_visible, old_visible, binding.filter, table_types)
-        if v is None:
-            if _variant(event, new_visible, old_visible, None, table_types) is not None:
-                reason = "filter_mismatch"
-            continue
-        if not binding.wants(event.delivered_type(v)):
-            reason = "event_type_mismatch"
-            continue
-        variant = variant or v
-        ids.append(binding.id)
-    if variant is None:
-        return Decision(False, reason)
-    return Decision(True, "delivered", tuple(ids), variant)
+    table_types = types.get(event.table, {})
+    return decide_bindings(
+        sub, event, lambda f: event.variant_given(new_visible, old_visible, f, table_types)
+    )
 
 
 class PerSubscriberSqlRouter:

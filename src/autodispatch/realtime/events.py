@@ -61,16 +61,32 @@ class Event:
         self, principal_keys: frozenset[str], row_filter: Filter | None, types: Mapping[str, str]
     ) -> Variant | None:
         """What a subscriber with these keys and this filter receives, or None."""
-        new_visible = self.record is not None and not self.new_keys.isdisjoint(principal_keys)
-        old_visible = self.old_record is not None and not self.old_keys.isdisjoint(principal_keys)
+        return self.variant_given(
+            not self.new_keys.isdisjoint(principal_keys),
+            not self.old_keys.isdisjoint(principal_keys),
+            row_filter,
+            types,
+        )
+
+    def variant_given(
+        self,
+        new_visible: bool,
+        old_visible: bool,
+        row_filter: Filter | None,
+        types: Mapping[str, str],
+    ) -> Variant | None:
+        """What a subscriber receives, given whether it may see the new and the old row
+        (by keys, or by SQL for the baseline), and its filter."""
+        new = self.record is not None and new_visible
+        old = self.old_record is not None and old_visible
         if row_filter is not None:
-            new_visible = new_visible and matches(row_filter, self.record or {}, types)
-            old_visible = old_visible and matches(row_filter, self.old_record or {}, types)
-        if new_visible:
-            if self.type == "UPDATE" and not old_visible:
+            new = new and matches(row_filter, self.record or {}, types)
+            old = old and matches(row_filter, self.old_record or {}, types)
+        if new:
+            if self.type == "UPDATE" and not old:
                 return Variant.CHANGE_WITHOUT_OLD
             return Variant.CHANGE
-        if old_visible:
+        if old:
             return Variant.REMOVAL
         return None
 

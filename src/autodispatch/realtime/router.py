@@ -10,7 +10,7 @@ filter), and each event's ``data`` is encoded once per variant and shared.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,20 +78,31 @@ TableTypes = Mapping[str, Mapping[str, str]]
 
 def decide(sub: Subscription, event: Event, types: TableTypes) -> Decision:
     """What this subscription gets of this event, and why not when nothing."""
-    table_types = types.get(event.table, {})
     if event.table not in sub.tables:
         return Decision(False, "table_not_subscribed")
     if sub.keys.isdisjoint(event.keys):
         return Decision(False, "not_visible")
+    table_types = types.get(event.table, {})
+    return decide_bindings(sub, event, lambda f: event.variant_for(sub.keys, f, table_types))
+
+
+def decide_bindings(
+    sub: Subscription, event: Event, variant: Callable[[Filter | None], Variant | None]
+) -> Decision:
+    """Apply the subscription's bindings (filters, event types) to a visible event.
+
+    ``variant(filter)`` says what the subscriber gets with that filter; the key router and
+    the SQL baseline differ only in how it decides visibility.
+    """
     ids: list[int] = []
-    variant: Variant | None = None
+    chosen: Variant | None = None
     reason = "not_visible"
     for binding in sub.bindings:
         if binding.table != event.table:
             continue
-        v = event.variant_for(sub.keys, binding.filter, table_types)
+        v = variant(binding.filter)
         if v is None:
-            if event.variant_for(sub.keys, None, table_types) is not None:
+            if variant(None) is not None:
                 reason = "filter_mismatch"
             continue
         if not binding.wants(event.delivered_type(v)):
@@ -99,11 +110,11 @@ def decide(sub: Subscription, event: Event, types: TableTypes) -> Decision:
             continue
         # Bindings of one channel may disagree only through filters; the first match's
         # variant is the one sent (every matching id is listed).
-        variant = variant or v
+        chosen = chosen or v
         ids.append(binding.id)
-    if variant is None:
+    if chosen is None:
         return Decision(False, reason)
-    return Decision(True, "delivered", tuple(ids), variant)
+    return Decision(True, "delivered", tuple(ids), chosen)
 
 
 class Router:
