@@ -52,6 +52,16 @@ _PREDICATE = {
         " && (select auth.principal_keys()), false)"
     ),
     "feature_flags": "true",  # policy feature_flags_visible: using (true)
+    "session_messages": (
+        "coalesce(public.message_visibility_keys("
+        "jsonb_populate_record(null::public.session_messages, %({v})s::jsonb))"
+        " && (select auth.principal_keys()), false)"
+    ),
+    "probe_pings": (
+        "coalesce(public.probe_visibility_keys("
+        "jsonb_populate_record(null::public.probe_pings, %({v})s::jsonb))"
+        " && (select auth.principal_keys()), false)"
+    ),
 }
 
 
@@ -82,7 +92,7 @@ def _identity(keys: frozenset[str]) -> tuple[str, str]:
 def _row_json(event: Event, record: dict[str, Any] | None, keys: frozenset[str]) -> str | None:
     if record is None:
         return None
-    if event.table == "sessions":
+    if event.table in ("sessions", "session_messages"):
         record = {**record, "visibility_keys": sorted(keys)}
     return json.dumps(record, default=str)
 

@@ -29,7 +29,13 @@ from autodispatch.realtime.router import Binding, Router, Sink, Subscription
 
 log = structlog.get_logger("autodispatch.realtime")
 
-REALTIME_TABLES = ("sessions", "session_assignments", "feature_flags")
+REALTIME_TABLES = (
+    "sessions",
+    "session_assignments",
+    "feature_flags",
+    "session_messages",
+    "probe_pings",
+)
 # How the reader decides who gets an event: "keys" (the router's visibility-key index), or
 # "per_subscriber_sql", the slower hosted-service method kept as the baseline of
 # `autodispatch bench realtime` (realtime/baseline.py). Both deliver the same events.
