@@ -64,6 +64,14 @@ create table public.push_subscriptions (
 );
 create index push_subscriptions_user_idx on public.push_subscriptions (user_id);
 
+-- How far through the event log pushes have been sent. One process at a time sends (it
+-- holds this row's lock while it works), and a restart carries on from here.
+create table realtime.push_cursor (
+  id int primary key constraint push_cursor_single_row check (id = 1),
+  last_id bigint not null
+);
+insert into realtime.push_cursor (id, last_id) select 1, last_id from realtime.stream;
+
 -- ---------------------------------------------------------------------------
 -- Probe pings: a row only its author may see, written on demand, so a user (or the
 -- probe command, or the /probe page) can check that a change they may see reaches them.
