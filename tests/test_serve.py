@@ -268,3 +268,42 @@ def test_db_url_points_at_the_running_database(scratch: Path, serves: list[Serve
         row = conn.execute("select count(*) from auth.users").fetchone()
         assert row is not None and row[0] == 4
     s.stop()
+
+
+PROBE = (sys.executable, "-m", "autodispatch", "probe")
+
+
+def test_probe_passes_for_every_demo_account(scratch: Path, serves: list[Serve]) -> None:
+    """`autodispatch probe` as each demo account against `serve --demo`: exit 0, all steps ok."""
+    import json
+
+    s = Serve(scratch / "home")
+    serves.append(s)
+    s.wait_ready()
+    env = {**os.environ, "AUTODISPATCH_HOME": str(scratch / "home")}
+    for email in (
+        "customer@demo.test",
+        "mechanic@demo.test",
+        "workshop.mechanic@demo.test",
+        "admin@demo.test",
+    ):
+        done = subprocess.run(
+            [*PROBE, "--email", email, "--password", "demo-password", "--url", s.base, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        assert report["ok"] and report["email"] == email
+        assert [step["name"] for step in report["steps"]][-1] == "delivery"
+    wrong = subprocess.run(
+        [*PROBE, "--email", "customer@demo.test", "--password", "wrong-password", "--url", s.base],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 1
+    assert "The probe failed at sign-in" in wrong.stdout

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import psycopg
 import structlog
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autodispatch import __version__
-from autodispatch.api import auth, catalog, dispatch, errors, payments, system
+from autodispatch.api import (
+    alerts,
+    auth,
+    catalog,
+    chat,
+    dispatch,
+    errors,
+    payments,
+    probe,
+    push,
+    system,
+)
 from autodispatch.api.deps import Services
+from autodispatch.api.observability import ObserveRequests, PoolCollector
+from autodispatch.api.push_sender import PushSender, VapidKeys
 from autodispatch.config import Settings
 from autodispatch.db import migrate
 from autodispatch.db.database import Database
 from autodispatch.identity.accounts import Accounts
 from autodispatch.metrics import Metrics
+from autodispatch.ops.gateways import GatewayHeartbeat, HealthMetrics
 from autodispatch.realtime import rest, sse, websocket
 from autodispatch.realtime.broker import Broker
 from autodispatch.realtime.hub import Hub, RealtimeSettings
 from autodispatch.realtime.metrics import RealtimeMetrics
+from autodispatch.web import pages
 
 log = structlog.get_logger("autodispatch")
 
@@ -57,40 +70,6 @@ async def run_expiry(services: Services, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
-class MeasureRequests:
-    """Count requests and their latency per route template (pure ASGI: no per-request
-    task or stream, unlike ``@app.middleware("http")``)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            route = scope.get("route")
-            name = (
-                "unmatched"
-                if route is None
-                else str(getattr(route, "path_format", None) or getattr(route, "path", "other"))
-            )
-            self.metrics.http_requests.labels(name, scope["method"], str(status)).inc()
-            self.metrics.http_latency.labels(name).observe(time.perf_counter() - started)
-
-
 def create_app(settings: Settings, database_url: str) -> FastAPI:
     settings = settings.with_secret()
     db = Database(database_url, max_size=settings.db_pool_max)
@@ -115,6 +94,23 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         ),
     )
 
+    pusher = PushSender(
+        db,
+        services.metrics,
+        VapidKeys.load(settings),
+        request_ttl_seconds=settings.request_ttl_seconds,
+    )
+
+    # Each process records itself for `autodispatch audit` and measures dispatch health.
+    heartbeat = GatewayHeartbeat(
+        db,
+        HealthMetrics(services.metrics.registry),
+        position=lambda: realtime.reader.routed,
+        subscribers=lambda: len(realtime.router.subscriptions),
+        request_ttl_seconds=settings.request_ttl_seconds,
+    )
+    services.metrics.registry.register(PoolCollector(db.pool.get_stats))
+
     broker = Broker(db)
     gateway = websocket.Gateway(
         realtime,
@@ -128,17 +124,21 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         await db.open()
         stop = asyncio.Event()
         expiry = asyncio.create_task(run_expiry(services, stop), name="expiry")
+        pushes = asyncio.create_task(pusher.run(stop), name="web-push")
         await realtime.start()
         await broker.start()
+        await heartbeat.start()
         try:
             yield
         finally:
+            await heartbeat.stop()
             stop.set()
             for conn in list(gateway.connections):
                 await conn.shutdown()
             await broker.stop()
             await realtime.stop()
             await expiry
+            await pushes
             await db.close()
 
     app = FastAPI(
@@ -150,9 +150,26 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     app.state.services = services
     app.state.realtime = realtime
     app.state.gateway = gateway
+    app.state.log_reader = realtime.reader  # /readyz: is it caught up?
+    app.state.heartbeat = heartbeat
+    app.state.push = pusher
     errors.install(app)
-    for module in (system, auth, dispatch, catalog, payments, sse, websocket, rest):
+    for module in (
+        system,
+        auth,
+        dispatch,
+        catalog,
+        payments,
+        chat,
+        alerts,
+        push,
+        probe,
+        sse,
+        websocket,
+        rest,
+        pages,
+    ):
         app.include_router(module.router)
 
-    app.add_middleware(MeasureRequests, metrics=services.metrics)
+    app.add_middleware(ObserveRequests, metrics=services.metrics)
     return app

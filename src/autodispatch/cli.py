@@ -1,10 +1,10 @@
-"""The ``autodispatch`` command: serve, migrate, create-user, db-url."""
+"""The ``autodispatch`` command: serve, migrate, create-user, db-url, audit, repair, bench, ..."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import json
 import signal
 import sys
 from collections.abc import Iterator
@@ -12,7 +12,6 @@ from types import FrameType
 from typing import Annotated
 
 import psycopg
-import structlog
 import typer
 import uvicorn
 from rich.console import Console
@@ -21,6 +20,7 @@ from autodispatch.config import Settings
 from autodispatch.db import migrate as migrations
 from autodispatch.db.urls import with_database
 from autodispatch.realtime.websocket import Gateway
+from autodispatch.realtime.wsserver import protocol_for
 
 app = typer.Typer(
     help="Realtime dispatch of customer session requests to mechanics.",
@@ -33,22 +33,17 @@ out = Console()
 EMBEDDED_DATABASE = "autodispatch"
 
 
-def configure_logging() -> None:
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer()
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+def configure_logging(log_format: str = "auto") -> None:
+    """JSON log lines (a person at a terminal gets readable ones), request ids included."""
+    from autodispatch.logs import FORMATS
+    from autodispatch.logs import configure_logging as configure
+
+    if log_format not in FORMATS:
+        err.print(
+            f"[red]--log-format must be one of {', '.join(FORMATS)}, not {log_format!r}[/red]"
+        )
+        raise typer.Exit(2)
+    configure(log_format)
 
 
 def _ensure_database(server_url: str, name: str) -> str:
@@ -82,10 +77,18 @@ def database(settings: Settings) -> Iterator[str]:
 
 
 def _migrate(url: str) -> None:
-    with err.status("Migrating the database..."):
+    """Bring the database to the head revision, saying which revision runs and for how long
+    (a migration of a large database can take minutes)."""
+    from autodispatch.ops.progress import Steps, alembic_revisions
+
+    if migrations.current(url) == migrations.head():
+        return
+    with Steps(err, "Migrating the database") as steps, alembic_revisions(steps):
         before, after = migrations.upgrade(url)
     if before != after:
-        err.print(f"Migrated the database from {before or 'empty'} to {after}.")
+        err.print(
+            f"Migrated the database from {before or 'empty'} to {after} in {steps.elapsed:.1f} s."
+        )
 
 
 @app.command()
@@ -93,14 +96,20 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
     demo: Annotated[bool, typer.Option(help="Create the demo accounts and print them")] = False,
+    log_format: Annotated[
+        str, typer.Option(help="Log lines: json, console, or auto (console on a terminal)")
+    ] = "auto",
 ) -> None:
-    """Serve the API, realtime and pages in one process."""
+    """Serve the API, realtime and pages in one process.
+
+    Logs go to stderr, one JSON object per line (unless a terminal watches), each line of a
+    request with its request_id (the X-Request-ID header, echoed in every response)."""
     from autodispatch.app import create_app
     from autodispatch.db.database import Database
     from autodispatch.identity.accounts import Accounts
     from autodispatch.ops.demo import DEMO_PASSWORD, ensure_demo_accounts
 
-    configure_logging()
+    configure_logging(log_format)
     settings = Settings.from_env().with_secret()
     with database(settings) as url:
         _migrate(url)
@@ -120,6 +129,10 @@ def serve(
             for account, created in rows:
                 note = "created" if created else "exists"
                 out.print(f"  {account.email:32} {account.account_type:9} ({note})")  # type: ignore[attr-defined]
+            out.print(f"  Mechanic:  {base}/mechanic   (mechanic@demo.test)")
+            out.print(f"  Customer:  {base}/customer   (customer@demo.test)")
+            out.print(f"  Admin:     {base}/admin      (admin@demo.test)")
+            out.print(f"  Probe:     {base}/probe      (any account)")
             out.print(f"  API docs:  {base}/docs")
             out.print(f"  Health:    {base}/healthz")
         # uvicorn re-raises SIGTERM once it has shut down; with the default handler that
@@ -131,8 +144,15 @@ def serve(
             host=host,
             port=port,
             log_level="info",
+            # Our logging (autodispatch.logs) formats uvicorn's lines too; the middleware
+            # logs each request with its id, so uvicorn's own access log would repeat it.
+            log_config=None,
+            access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            # The realtime WebSocket paths are served on the socket itself (wsserver.py);
+            # other WebSocket routes go through uvicorn's own protocol.
+            ws=protocol_for(web_app.state.gateway),
         )
         server = AnnouncingServer(config, web_app.state.gateway)
         server.run()
@@ -272,6 +292,94 @@ def explain_delivery_command(
         raise typer.Exit(1)
 
 
+@app.command()
+def probe(
+    email: Annotated[str, typer.Option(help="The account to probe as")],
+    password: Annotated[str, typer.Option(help="Its password")],
+    url: Annotated[str, typer.Option(help="The server's base URL")] = "http://127.0.0.1:8000",
+    row_filter: Annotated[
+        str | None,
+        typer.Option("--filter", help="Subscribe with this filter, e.g. nonce=eq.x"),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait at each step")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(help="When the event does not come, ask the database why"),
+    ] = True,
+) -> None:
+    """Check delivery end to end as one user: sign in, connect, subscribe, cause a harmless
+    change that user may see, and time its event. Names the step that fails.
+
+    Exit code 0: the event arrived; 1: a step failed."""
+    from rich.table import Table
+
+    from autodispatch.ops.probe import run_probe
+
+    result = asyncio.run(run_probe(url, email, password, row_filter=row_filter, timeout=timeout))
+    why: str | None = None
+    failed = result.failed
+    if failed is not None and failed.name == "delivery" and result.ping_id and explain:
+        why = _explain_probe(result.ping_id, email, row_filter)
+    if as_json:
+        body = result.as_json()
+        body["explanation"] = why
+        out.print_json(data=body)
+    else:
+        table = Table(title=f"probe as {email}")
+        for column in ("step", "result", "ms", "detail"):
+            table.add_column(column)
+        for step in result.steps:
+            mark = "[green]ok[/green]" if step.ok else "[red]FAILED[/red]"
+            table.add_row(step.name, mark, f"{step.ms:.1f}", step.detail)
+        out.print(table)
+        if result.ok:
+            out.print(
+                f"Delivered: {result.latency_ms} ms from request to event"
+                f" ({result.commit_to_receive_ms} ms from commit)."
+            )
+        elif failed is not None:
+            out.print(f"[red]The probe failed at {failed.name}:[/red] {failed.detail}")
+        if why:
+            out.print(why, highlight=False)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _explain_probe(ping_id: str, email: str, row_filter: str | None) -> str:
+    """Why the probe's event did not reach it, from the event log (needs the database)."""
+    from autodispatch.db.database import Database
+    from autodispatch.ops.probe import explain_missing
+    from autodispatch.realtime.explain import explain_delivery
+
+    async def go(db_url: str) -> str:
+        db = Database(db_url, min_size=1, max_size=2)
+        await db.open()
+        try:
+            event_id = None
+            for _ in range(10):  # the change committed; its event id is set at commit
+                event_id = await explain_missing(db, ping_id)
+                if event_id is not None:
+                    break
+                await asyncio.sleep(0.2)
+            if event_id is None:
+                return (
+                    f"No event was logged for probe ping {ping_id}:"
+                    " is the capture trigger on probe_pings missing?"
+                )
+            found = await explain_delivery(db, event_id, email, row_filter=row_filter)
+            return found.text
+        finally:
+            await db.close()
+
+    settings = Settings.from_env()
+    try:
+        with database(settings) as db_url:
+            return asyncio.run(go(db_url))
+    except (OSError, psycopg.Error) as exc:
+        return f"Could not read the event log to explain why ({exc})."
+
+
 bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -289,10 +397,10 @@ def bench_contention(
     from rich.table import Table
 
     from autodispatch.ops.bench import contention
+    from autodispatch.ops.progress import Steps
 
-    phases, machine = contention(
-        mechanics, requests, database_url, lambda step: err.print(f"[dim]… {step}[/dim]")
-    )
+    with Steps(err) as steps:
+        phases, machine = contention(mechanics, requests, database_url, steps)
     rows = [p.row() for p in phases]
     table = Table(title=f"{mechanics} mechanics, {requests} requests — {machine}")
     table.add_column("figure")
@@ -373,9 +481,88 @@ def bench_realtime(
         if quick
         else bench.RealtimeOptions(**overrides)  # type: ignore[arg-type]
     )
-    report = bench.realtime(options, lambda step: err.print(f"[dim]… {step}[/dim]"))
+    from autodispatch.ops.progress import Steps
+
+    with Steps(err) as steps:
+        report = bench.realtime(options, steps)
     # The tables are wide: when printing to a file or a pipe, do not fold them to 80 columns.
     bench.render(report, out if out.is_terminal else Console(width=170))
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report.as_json(), indent=2, default=str))
         err.print(f"Figures written to {json_path}")
+
+
+@app.command()
+def audit(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")] = False,
+) -> None:
+    """Check the schema, the data and realtime delivery of the database in use.
+
+    Works on any database with the dispatch tables (a missing piece is a finding). Each
+    finding names its rows and its fix; `repair --apply` fixes the repairable ones.
+    Exit code 0: nothing found; 1: findings; 2: the database could not be read."""
+    from autodispatch.ops.audit import AuditOptions, AuditReport, render, run_audit
+
+    settings = Settings.from_env()
+    options = AuditOptions(
+        request_ttl_seconds=settings.request_ttl_seconds, expected_revision=migrations.head()
+    )
+
+    async def go(url: str) -> AuditReport:
+        async with await psycopg.AsyncConnection.connect(url, connect_timeout=10) as conn:
+            return await run_audit(conn, options)
+
+    with database(settings) as url:
+        try:
+            report = asyncio.run(go(url))
+        except psycopg.Error as exc:
+            err.print(f"[red]Could not audit the database:[/red] {exc}")
+            raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_json(), indent=2) + "\n")
+    else:
+        render(report, out if out.is_terminal else Console(width=160))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def repair(
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Make the changes (without it: only say what they are)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")] = False,
+) -> None:
+    """Fix the data findings of `audit`: sessions and assignments that disagree, sessions
+    without an assignment, offers and requests past their time, stale visibility keys,
+    events without an id, gateways that died. A dry run unless --apply; each change
+    writes a lifecycle_audit row with the reason 'repair'; running it again changes nothing.
+
+    Exit code 0: nothing left to repair (or a dry run); 1: rows were left alone or the
+    repair was refused; 2: the database could not be read."""
+    from autodispatch.ops.progress import Bars
+    from autodispatch.ops.repair import RepairOptions, RepairRefused, RepairReport, render
+    from autodispatch.ops.repair import repair as run_repair
+
+    settings = Settings.from_env()
+    options = RepairOptions(apply=apply, request_ttl_seconds=settings.request_ttl_seconds)
+
+    async def go(url: str, bars: Bars) -> RepairReport:
+        async with await psycopg.AsyncConnection.connect(url, connect_timeout=10) as conn:
+            return await run_repair(conn, options, bars)
+
+    with database(settings) as url, Bars(err) as bars:
+        try:
+            report = asyncio.run(go(url, bars))
+        except RepairRefused as exc:
+            err.print(f"[red]Nothing repaired:[/red] {exc}")
+            raise typer.Exit(1) from None
+        except psycopg.Error as exc:
+            err.print(f"[red]Could not repair the database:[/red] {exc}")
+            raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_json(), indent=2) + "\n")
+    else:
+        render(report, out if out.is_terminal else Console(width=160))
+    if apply and report.remaining:
+        raise typer.Exit(1)

@@ -54,6 +54,12 @@ class Settings:
     # method, one SQL query per subscriber per event, kept only as the baseline that
     # `autodispatch bench realtime` measures against (realtime/baseline.py).
     realtime_routing: str = "keys"
+    # Web Push (VAPID, RFC 8292): the private key, given (PEM, or the base64url raw key that
+    # `web-push generate-vapid-keys` prints), else kept in the home folder
+    # (api/push_sender.py); servers sharing a database must share it. The subject is the
+    # contact push services see.
+    vapid_private_key: str = field(default="", repr=False)
+    vapid_subject: str = "mailto:admin@localhost"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -74,6 +80,8 @@ class Settings:
             "realtime_routing": _choice(
                 env, "AUTODISPATCH_REALTIME_ROUTING", ("keys", "per_subscriber_sql")
             ),
+            "vapid_private_key": env.get("AUTODISPATCH_VAPID_PRIVATE_KEY") or "",
+            "vapid_subject": env.get("AUTODISPATCH_VAPID_SUBJECT") or "mailto:admin@localhost",
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

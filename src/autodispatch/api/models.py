@@ -183,3 +183,151 @@ class ErrorResponse(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 422)
 }
+
+
+# --- Session chat ----------------------------------------------------------------------
+
+
+class NewMessage(Strict):
+    body: ConcernText = Field(description="1 to 2000 characters; surrounding spaces are dropped")
+
+
+class Message(BaseModel):
+    id: UUID
+    session_id: UUID
+    sender_id: UUID
+    sender_name: str
+    sender_role: Literal["customer", "mechanic"]
+    body: str
+    created_at: datetime
+
+
+class MessageEnvelope(BaseModel):
+    message: Message
+
+
+class MessageList(BaseModel):
+    items: list[Message]
+
+
+# --- Alert receipts and delivery health ----------------------------------------------
+
+AlertTier: TypeAlias = Literal["toast", "sound", "notification", "title", "favicon"]
+AlertTierStatus: TypeAlias = Literal["shown", "failed", "disabled", "unsupported"]
+ALERT_TIERS: tuple[AlertTier, ...] = ("toast", "sound", "notification", "title", "favicon")
+ALERT_TIER_STATUSES: tuple[AlertTierStatus, ...] = ("shown", "failed", "disabled", "unsupported")
+
+
+class TierReport(Strict):
+    status: AlertTierStatus
+    error: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] | None = Field(
+        default=None, description="Why the tier failed (the exception's message)"
+    )
+
+
+class NewAlertReceipt(Strict):
+    assignment_id: UUID | None = None
+    event_id: int | None = Field(default=None, ge=1, description="data.event_id of the alert")
+    tiers: dict[AlertTier, TierReport] = Field(min_length=1)
+    commit_to_shown_ms: float | None = Field(default=None, ge=0, le=86_400_000, allow_inf_nan=False)
+
+
+class AlertReceipt(BaseModel):
+    id: UUID
+    mechanic_user_id: UUID
+    assignment_id: UUID | None
+    event_id: int | None
+    tiers: dict[str, Any]
+    commit_to_shown_ms: float | None
+    created_at: datetime
+
+
+class AlertReceiptEnvelope(BaseModel):
+    receipt: AlertReceipt
+
+
+class TierCounts(BaseModel):
+    shown: int = 0
+    failed: int = 0
+    disabled: int = 0
+    unsupported: int = 0
+
+
+class LatencySummary(BaseModel):
+    count: int
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class AlertFailure(BaseModel):
+    tier: str
+    error: str | None
+    at: datetime
+    mechanic: str | None
+
+
+class AlertHealth(BaseModel):
+    window_minutes: int
+    tiers: dict[str, TierCounts]
+    latency_ms: LatencySummary
+    recent_failures: list[AlertFailure]
+
+
+# --- Web Push ----------------------------------------------------------------------------
+
+
+class PushKeys(Strict):
+    p256dh: str = Field(min_length=1, max_length=200, description="base64url P-256 point")
+    auth: str = Field(min_length=1, max_length=100, description="base64url 16-byte secret")
+
+
+class NewPushSubscription(Strict):
+    """A browser's `PushSubscription.toJSON()`."""
+
+    endpoint: str = Field(min_length=1, max_length=2000)
+    keys: PushKeys
+    expirationTime: float | None = Field(default=None, description="Sent by toJSON(); not used")
+
+
+class PushSubscriptionOut(BaseModel):
+    id: UUID
+    endpoint: str
+    created_at: datetime
+
+
+class PushSubscriptionEnvelope(BaseModel):
+    subscription: PushSubscriptionOut
+
+
+class PushEndpoint(Strict):
+    endpoint: str = Field(min_length=1, max_length=2000)
+
+
+class PushPublicKey(BaseModel):
+    public_key: str = Field(
+        description="The VAPID public key: base64url uncompressed P-256 point, for"
+        " pushManager.subscribe({applicationServerKey})"
+    )
+
+
+# --- Probe pings ---------------------------------------------------------------------------
+
+
+class NewPing(Strict):
+    nonce: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)
+    ] | (
+        None
+    ) = Field(default=None, description="Yours to recognise the event; one is made up if absent")
+
+
+class Ping(BaseModel):
+    id: UUID
+    user_id: UUID
+    nonce: str
+    created_at: datetime
+
+
+class PingEnvelope(BaseModel):
+    ping: Ping

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Protocol
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from autodispatch.api import deps
+from autodispatch.db.database import Tx
 
 router = APIRouter(tags=["system"])
+
+# The reader polls every 0.25 s: an event older than this and not routed means it is stuck.
+READY_MAX_LAG_SECONDS = 10.0
+READY_TIMEOUT_SECONDS = 5.0
 
 
 @router.get("/healthz")
@@ -19,22 +25,56 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+class LogReader(Protocol):
+    """What readiness needs of the realtime event-log reader (the app passes it in
+    ``app.state.log_reader``; this layer may not import the realtime package)."""
+
+    routed: int  # the highest event id whose routing has finished
+    started: asyncio.Event
+
+
 @router.get("/readyz")
-async def readyz(svc: deps.Services = Depends(deps.services)) -> JSONResponse:
-    """200 when the database answers and is migrated to this code's revision."""
-    reasons: list[str] = []
+async def readyz(request: Request, svc: deps.Services = Depends(deps.services)) -> JSONResponse:
+    """200 when the database answers, is migrated to this code's revision, and the realtime
+    log reader is caught up; otherwise 503 with the reasons (and each check's state)."""
+    checks: dict[str, str] = {}
+    reader: LogReader | None = getattr(request.app.state, "log_reader", None)
     try:
-        async with svc.db.as_service() as tx:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS), svc.db.as_service() as tx:
             revision = await tx.value("migration_revision")
-        if revision != svc.expected_revision:
-            reasons.append(
-                f"database is at revision {revision}, this code needs {svc.expected_revision}"
+            checks["database"] = "ok"
+            checks["migrations"] = (
+                "ok"
+                if revision == svc.expected_revision
+                else f"database is at revision {revision}, this code needs"
+                f" {svc.expected_revision}: run `autodispatch migrate`"
             )
+            if reader is not None:
+                checks["realtime"] = await _reader_state(tx, reader)
+    except TimeoutError:
+        checks["database"] = f"database did not answer within {READY_TIMEOUT_SECONDS:.0f} s"
     except Exception as exc:  # any failure to reach the database is the answer here
-        reasons.append(f"database unreachable: {exc.__class__.__name__}: {exc}")
+        checks["database"] = f"database unreachable: {exc.__class__.__name__}: {exc}"
+    reasons = [state for state in checks.values() if state != "ok"]
     if reasons:
-        return JSONResponse({"status": "not_ready", "reasons": reasons}, status_code=503)
-    return JSONResponse({"status": "ready", "reasons": []})
+        return JSONResponse(
+            {"status": "not_ready", "reasons": reasons, "checks": checks}, status_code=503
+        )
+    return JSONResponse({"status": "ready", "reasons": [], "checks": checks})
+
+
+async def _reader_state(tx: Tx, reader: LogReader) -> str:
+    if not reader.started.is_set():
+        return "the realtime log reader has not started"
+    routed = reader.routed
+    first = await tx.one("first_event_after", {"after": routed})
+    if first is not None and first["age_seconds"] > READY_MAX_LAG_SECONDS:
+        return (
+            f"the realtime log reader is behind: event {first['id']}, committed"
+            f" {first['age_seconds']:.1f} s ago, is not routed yet (routed through {routed};"
+            f" allowed lag {READY_MAX_LAG_SECONDS:.0f} s)"
+        )
+    return "ok"
 
 
 @router.get("/api/config")

@@ -151,7 +151,7 @@ class PerSubscriberSqlRouter:
         identities = {sub: _identity(sub.keys) for sub in candidates}
         answers = await self._visible(event, set(identities.values()))
         columns = self.router.columns.get(event.table, [])
-        blocked: list[tuple[Subscription, list[int], str]] = []
+        blocked: list[tuple[Subscription, tuple[int, ...], str]] = []
         for sub in candidates:
             if sub not in self.router.subscriptions:
                 continue  # left while we asked
@@ -162,11 +162,11 @@ class PerSubscriberSqlRouter:
                 outcomes[decision.reason] += 1
                 continue
             data = event.encoded(decision.variant, columns)
-            if sub.sink.offer(event, list(decision.ids), data):
+            if sub.sink.offer(event, decision.ids, data):
                 sub.cursor = event.id
                 outcomes["delivered"] += 1
             else:
-                blocked.append((sub, list(decision.ids), data))
+                blocked.append((sub, decision.ids, data))
         # Full queues: wait for room (bounded) and close slow consumers, as the key
         # router's reader does (log.py, Router.deliver_wait).
         for sub, ids, data in blocked:

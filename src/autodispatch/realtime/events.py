@@ -36,7 +36,16 @@ class Event:
     old_record: dict[str, Any] | None
     new_keys: frozenset[str]
     old_keys: frozenset[str]
+    keys: frozenset[str] = field(init=False, repr=False)  # new_keys | old_keys
+    at_ts: float = field(init=False, repr=False)  # ``at`` as a POSIX timestamp
     _encoded: dict[Variant, str] = field(default_factory=dict, repr=False)
+    # Each recipient's frame, built once per (wire, topic, binding ids, vsn, data) and
+    # shared: most recipients of an event get byte-identical frames (see Channel.offer).
+    frames: dict[tuple[object, ...], Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.keys = self.new_keys | self.old_keys
+        self.at_ts = self.at.timestamp()
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Event:
@@ -52,10 +61,6 @@ class Event:
             new_keys=frozenset(row["new_keys"]),
             old_keys=frozenset(row["old_keys"]),
         )
-
-    @property
-    def keys(self) -> frozenset[str]:
-        return self.new_keys | self.old_keys
 
     def variant_for(
         self, principal_keys: frozenset[str], row_filter: Filter | None, types: Mapping[str, str]

@@ -64,7 +64,8 @@ async def explain_delivery(
         )
     reasons = {
         "not_visible": "no key of the user is among the row's keys (row-level security would"
-        " hide both versions from this user)",
+        " hide both versions from this user); it would need one of"
+        f" {', '.join(sorted(event.keys)) or 'no key at all: the row has none'}",
         "filter_mismatch": f"the row is visible but the filter {row_filter!r} does not match it",
         "event_type_mismatch": f"the delivered type is not the subscribed event {event_filter!r}",
         "table_not_subscribed": "the user is not subscribed to this table",

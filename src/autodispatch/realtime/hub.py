@@ -209,12 +209,12 @@ class QueueSink:
     reader will wait, the client is too slow: the sink closes (reason ``slow_consumer``)
     and the client resumes from its cursor."""
 
-    def __init__(self, maxsize: int, render: Callable[[Event, list[int], str], Any]) -> None:
+    def __init__(self, maxsize: int, render: Callable[[Event, tuple[int, ...], str], Any]) -> None:
         self.queue: asyncio.Queue[tuple[Event | None, Any]] = asyncio.Queue(maxsize)
         self.render = render
         self.closed_reason: str | None = None
 
-    def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
+    def offer(self, event: Event, ids: tuple[int, ...], data_json: str) -> bool:
         """Queue without waiting; False when full (the reader then waits, see log.py)."""
         if self.closed_reason is not None:
             return False
@@ -225,7 +225,7 @@ class QueueSink:
         return True
 
     async def wait_offer(
-        self, event: Event, ids: list[int], data_json: str, timeout: float
+        self, event: Event, ids: tuple[int, ...], data_json: str, timeout: float
     ) -> bool:
         if self.closed_reason is not None:
             return False

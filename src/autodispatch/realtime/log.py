@@ -1,8 +1,10 @@
 """The event log reader: one per process, reading the log in order and routing each event.
 
 NOTIFY wakes it (on its own autocommit connection, STYLE.md); a short timer covers what
-NOTIFY cannot (a notification lost while the connection was down). It starts at the
-log's head: subscribers that need older events resume from the database.
+NOTIFY cannot (a notification lost while the connection was down). It reads on a second
+autocommit connection of its own: one statement per read, no pool checkout, BEGIN or
+COMMIT between the wake-up and the rows. It starts at the log's head: subscribers that
+need older events resume from the database.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg.rows import DictRow, dict_row
 
+from autodispatch.db import queries
 from autodispatch.db.database import Database
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.metrics import RealtimeMetrics
@@ -51,6 +55,7 @@ class EventLogReader:
         self.slow_consumer_seconds = 2.0  # how long a full queue may hold the reader up
         self.started = asyncio.Event()
         self._wake = asyncio.Event()
+        self._conn: psycopg.AsyncConnection[DictRow] | None = None  # reads the log
         # Hook for a routing strategy that must await per event (the per-subscriber SQL
         # baseline of `autodispatch bench realtime`, realtime/baseline.py). None: route
         # with the router's in-memory key index, without awaiting anything.
@@ -81,14 +86,17 @@ class EventLogReader:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+            if self._conn is not None:
+                with contextlib.suppress(psycopg.Error, OSError):
+                    await self._conn.close()
+                self._conn = None
 
     async def read_available(self) -> int:
         """Read and route everything committed after ``position``; return how many."""
         total = 0
         while True:
-            async with self.db.as_service() as tx:
-                rows = await tx.all("events_after", {"after": self.position, "limit": self.batch})
-            self.metrics.statements("read_log", TX_STATEMENTS)
+            rows = await self._read()
+            self.metrics.statements("read_log")
             if self.route_async is None:
                 for row in rows:
                     await self.route(Event.from_row(row))
@@ -101,6 +109,24 @@ class EventLogReader:
         if total == 0:
             self.metrics.log_lag.set(0)
         return total
+
+    async def _read(self) -> list[DictRow]:
+        """The next events after ``position``, on the reader's own connection."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self.db.url, autocommit=True, row_factory=dict_row
+                )
+            cur = await self._conn.execute(
+                queries.load()["events_after"], {"after": self.position, "limit": self.batch}
+            )
+            return await cur.fetchall()
+        except (psycopg.Error, OSError):
+            if self._conn is not None:
+                with contextlib.suppress(psycopg.Error, OSError):
+                    await self._conn.close()
+                self._conn = None
+            raise
 
     async def route(self, event: Event) -> None:
         """Offer the event to every recipient; then, for those whose queue was full, wait

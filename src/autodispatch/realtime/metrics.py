@@ -2,11 +2,71 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class SentFrames:
+    """Row-event frames written to one transport's connections, and their commit-to-send
+    latency. Counted once per frame on the hot path, so plain numbers (one event loop
+    writes them; a scrape reads them) instead of a locked Prometheus child per frame."""
+
+    __slots__ = ("bounds", "buckets", "count", "seconds")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.count = 0
+        self.seconds = 0.0
+
+    def sent(self, latency: float) -> None:
+        latency = max(latency, 0.0)
+        self.count += 1
+        self.seconds += latency
+        self.buckets[bisect_left(self.bounds, latency)] += 1
+
+
+class SentCollector:
+    """Exposes every transport's ``SentFrames`` as ``autodispatch_realtime_delivered_total``
+    and the ``autodispatch_realtime_commit_to_send_seconds`` histogram."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.transports: dict[str, SentFrames] = {}
+
+    def transport(self, name: str) -> SentFrames:
+        found = self.transports.get(name)
+        if found is None:
+            found = self.transports[name] = SentFrames(self.bounds)
+        return found
+
+    def collect(self) -> Iterator[Metric]:
+        delivered = CounterMetricFamily(
+            "autodispatch_realtime_delivered",
+            "Row events written to a subscriber's connection, by transport",
+            labels=["transport"],
+        )
+        latency = HistogramMetricFamily(
+            "autodispatch_realtime_commit_to_send_seconds",
+            "From the event's time in the log to its frame being written to the socket",
+            labels=["transport"],
+        )
+        for name, frames in list(self.transports.items()):
+            delivered.add_metric([name], frames.count)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip(self.bounds, frames.buckets, strict=False):
+                cumulative += n
+                buckets.append((repr(bound), cumulative))
+            buckets.append(("+Inf", frames.count))
+            latency.add_metric([name], buckets, frames.seconds)
+        yield delivered
+        yield latency
 
 
 class RealtimeMetrics:
@@ -14,12 +74,8 @@ class RealtimeMetrics:
         self.events_read = Counter(
             "autodispatch_realtime_events_read_total", "Events read from the log", registry=registry
         )
-        self.delivered = Counter(
-            "autodispatch_realtime_delivered_total",
-            "Events queued to a subscriber, by transport",
-            ["transport"],
-            registry=registry,
-        )
+        self.sent = SentCollector(LATENCY_BUCKETS)
+        registry.register(self.sent)
         self.not_delivered = Counter(
             "autodispatch_realtime_not_delivered_total",
             "Candidate deliveries that did not happen, by reason",
@@ -45,13 +101,6 @@ class RealtimeMetrics:
         )
         self.position = Gauge(
             "autodispatch_realtime_log_position", "Id of the last event read", registry=registry
-        )
-        self.commit_to_send = Histogram(
-            "autodispatch_realtime_commit_to_send_seconds",
-            "From the event's time in the log to its frame being written to the socket",
-            ["transport"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
         self.route_seconds = Histogram(
             "autodispatch_realtime_route_seconds",

@@ -63,7 +63,7 @@ payload, and also from ``config`` for clients of our own.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
@@ -142,11 +142,15 @@ class JoinConfig:
 # --- JSON --------------------------------------------------------------------------
 
 
+# One encoder for every frame: ``json.dumps`` with options builds a new one per call.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode_json(value: Any) -> str:
     """JSON as every frame here is written: compact, ASCII only (so a lone surrogate
     cannot make a text frame invalid UTF-8) and without NaN/Infinity (``JSON.parse``
     refuses them). Use it for the ``data_json`` of ``postgres_changes_frame``."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def _loads(text: str, what: str) -> Any:
@@ -391,13 +395,13 @@ def encode_user_broadcast(
     return encode(broadcast(topic, event, payload, meta=meta), vsn)
 
 
-def postgres_changes_frame(topic: str, ids: list[int], data_json: str, vsn: str) -> str:
+def postgres_changes_frame(topic: str, ids: Sequence[int], data_json: str, vsn: str) -> str:
     """The ``postgres_changes`` frame, built around ``data_json`` (one event's ``data``,
     encoded once with ``encode_json`` and shared by every recipient). Equal to
     ``encode(postgres_changes(topic, ids, data), vsn)`` when ``data_json`` is
     ``encode_json(data)``."""
     _check_vsn(vsn)
-    payload = '{"ids":' + encode_json(ids) + ',"data":' + data_json + "}"
+    payload = '{"ids":' + encode_json(list(ids)) + ',"data":' + data_json + "}"
     if vsn == VSN_1:
         return (
             '{"topic":'

@@ -35,12 +35,12 @@ class Binding:
 class Sink(Protocol):
     """Where a subscription's events go (a WebSocket channel, an SSE stream)."""
 
-    def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
+    def offer(self, event: Event, ids: tuple[int, ...], data_json: str) -> bool:
         """Queue one event without waiting; False when there is no room (nothing else)."""
         ...
 
     async def wait_offer(
-        self, event: Event, ids: list[int], data_json: str, timeout: float
+        self, event: Event, ids: tuple[int, ...], data_json: str, timeout: float
     ) -> bool:
         """Queue one event, waiting up to ``timeout`` for room; False if none came."""
         ...
@@ -59,10 +59,10 @@ class Subscription:
     cursor: int = 0  # the last event id delivered (or skipped) for this subscription
     buffering: bool = False  # while a resume replays from the database
     buffer: list[Event] = field(default_factory=list)
+    tables: frozenset[str] = field(init=False)  # of the bindings (asked for every event)
 
-    @property
-    def tables(self) -> frozenset[str]:
-        return frozenset(b.table for b in self.bindings)
+    def __post_init__(self) -> None:
+        self.tables = frozenset(b.table for b in self.bindings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +74,24 @@ class Decision:
 
 
 TableTypes = Mapping[str, Mapping[str, str]]
+_NOT_SUBSCRIBED = Decision(False, "table_not_subscribed")
+_NOT_VISIBLE = Decision(False, "not_visible")
+_NO_TYPES: Mapping[str, str] = {}
 
 
 def decide(sub: Subscription, event: Event, types: TableTypes) -> Decision:
     """What this subscription gets of this event, and why not when nothing."""
     if event.table not in sub.tables:
-        return Decision(False, "table_not_subscribed")
-    if sub.keys.isdisjoint(event.keys):
-        return Decision(False, "not_visible")
-    table_types = types.get(event.table, {})
-    return decide_bindings(sub, event, lambda f: event.variant_for(sub.keys, f, table_types))
+        return _NOT_SUBSCRIBED
+    # Event.variant_for, with the two overlaps computed once for every binding.
+    new_visible = not sub.keys.isdisjoint(event.new_keys)
+    old_visible = not sub.keys.isdisjoint(event.old_keys)
+    if not (new_visible or old_visible):
+        return _NOT_VISIBLE
+    table_types = types.get(event.table, _NO_TYPES)
+    return decide_bindings(
+        sub, event, lambda f: event.variant_given(new_visible, old_visible, f, table_types)
+    )
 
 
 def decide_bindings(
@@ -200,7 +208,7 @@ class Router:
         if data is None:
             sub.cursor = event.id
             return decision.reason
-        if not sub.sink.offer(event, list(decision.ids), data):
+        if not sub.sink.offer(event, decision.ids, data):
             return "queue_full"
         sub.cursor = event.id
         return "delivered"
@@ -213,7 +221,7 @@ class Router:
         if data is None:
             sub.cursor = event.id
             return decision.reason
-        if not await sub.sink.wait_offer(event, list(decision.ids), data, timeout):
+        if not await sub.sink.wait_offer(event, decision.ids, data, timeout):
             sub.sink.close("slow_consumer")
             return "slow_consumer"
         sub.cursor = event.id
@@ -261,11 +269,11 @@ class Router:
 class NullSink:
     """A sink that takes everything and sends nothing (for explanations)."""
 
-    def offer(self, event: Event, ids: list[int], data_json: str) -> bool:
+    def offer(self, event: Event, ids: tuple[int, ...], data_json: str) -> bool:
         return True
 
     async def wait_offer(
-        self, event: Event, ids: list[int], data_json: str, timeout: float
+        self, event: Event, ids: tuple[int, ...], data_json: str, timeout: float
     ) -> bool:
         return True
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -46,7 +45,7 @@ def _system_error(message: str) -> bytes:
     return f"event: system\ndata: {data}\n\n".encode()
 
 
-def _sse_frame(event: Event, ids: list[int], data_json: str) -> bytes:
+def _sse_frame(event: Event, ids: tuple[int, ...], data_json: str) -> bytes:
     return f"id: {event.id}\nevent: postgres_changes\ndata: {data_json}\n\n".encode()
 
 
@@ -90,11 +89,10 @@ async def sse(
     expires = caller.claims.get("exp") if not caller.is_anonymous else None
     metrics = realtime.metrics
 
+    frames_sent = metrics.sent.transport("sse")
+
     def sent(event: Event) -> None:
-        metrics.delivered.labels("sse").inc()
-        metrics.commit_to_send.labels("sse").observe(
-            max((datetime.now(UTC) - event.at).total_seconds(), 0.0)
-        )
+        frames_sent.sent(time.time() - event.at_ts)
 
     def expired() -> bool:
         return expires is not None and time.time() >= float(expires)

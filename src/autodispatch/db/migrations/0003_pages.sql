@@ -31,13 +31,29 @@ $$;
 -- Alert receipts: after each alert a mechanic's page says which tiers worked, which
 -- failed and why, and how long from commit to shown. Read by admins and the mechanic.
 -- ---------------------------------------------------------------------------
+-- The tiers of an alert and what each did. Every writer is held to this (a CHECK), so
+-- the admin summary never meets a tier or a status it does not know.
+create function public.alert_tiers_valid(p_tiers jsonb) returns boolean
+language sql immutable as $$
+  select jsonb_typeof(p_tiers) = 'object'
+     and p_tiers <> '{}'::jsonb
+     and not exists (
+       select 1 from jsonb_each(p_tiers) t
+       where t.key not in ('toast', 'sound', 'notification', 'title', 'favicon')
+          or jsonb_typeof(t.value) <> 'object'
+          or (t.value - 'status' - 'error') <> '{}'::jsonb
+          or coalesce(t.value ->> 'status', '') not in ('shown', 'failed', 'disabled', 'unsupported')
+          or jsonb_typeof(coalesce(t.value -> 'error', 'null')) not in ('string', 'null')
+          or length(t.value ->> 'error') > 500)
+$$;
+
 create table public.alert_receipts (
   id uuid primary key default gen_random_uuid(),
   mechanic_user_id uuid not null references public.profiles (id) on delete cascade,
   assignment_id uuid references public.session_assignments (id) on delete set null,
   event_id bigint,
   -- {"toast": {"status": "shown", "error": null}, "sound": {"status": "failed", "error": "..."}}
-  tiers jsonb not null constraint alert_receipts_tiers_check check (jsonb_typeof(tiers) = 'object'),
+  tiers jsonb not null constraint alert_receipts_tiers_check check (public.alert_tiers_valid(tiers)),
   commit_to_shown_ms double precision
     constraint alert_receipts_latency_check check (commit_to_shown_ms is null or commit_to_shown_ms >= 0),
   created_at timestamptz not null default now()
@@ -54,7 +70,9 @@ create table public.push_subscriptions (
   id uuid primary key default gen_random_uuid(),
   user_id uuid not null references public.profiles (id) on delete cascade,
   endpoint text not null unique
-    constraint push_subscriptions_endpoint_check check (endpoint ~ '^https?://' and length(endpoint) <= 2000),
+    -- Browsers' push services are https; refusing anything else keeps the sender from
+    -- being pointed at plain-http services inside the network.
+    constraint push_subscriptions_endpoint_check check (endpoint ~ '^https://[^/?#@]+' and length(endpoint) <= 2000),
   p256dh text not null constraint push_subscriptions_p256dh_check check (length(p256dh) between 1 and 200),
   auth text not null constraint push_subscriptions_auth_check check (length(auth) between 1 and 100),
   created_at timestamptz not null default now(),
@@ -174,7 +192,8 @@ declare
   v_id uuid;
 begin
   select * into v_mechanic from public.mechanics where id = v_session.mechanic_id;
-  if not (v_session.customer_id = v_caller.id or v_mechanic.user_id = v_caller.id) then
+  -- coalesce: before acceptance there is no mechanic, and "false or null" is not false.
+  if not coalesce(v_session.customer_id = v_caller.id or v_mechanic.user_id = v_caller.id, false) then
     perform api.fail(403, 'not_a_participant',
                      'only the customer and the mechanic who accepted this session may chat in it');
   end if;
@@ -198,15 +217,25 @@ begin
 end
 $$;
 
--- A mechanic's page reports an alert. The same event reported twice keeps the first.
+-- A mechanic's page reports an alert. The same event reported twice keeps the first;
+-- `created` says which happened, so the caller counts each alert once.
 create function api.record_alert_receipt(
-  p_assignment_id uuid, p_event_id bigint, p_tiers jsonb, p_commit_to_shown_ms double precision
-) returns uuid
+  p_assignment_id uuid, p_event_id bigint, p_tiers jsonb, p_commit_to_shown_ms double precision,
+  out receipt_id uuid, out created boolean
+)
 language plpgsql security definer set search_path = '' as $$
 declare
   v_caller public.profiles := api.caller(array['mechanic']);
   v_id uuid;
 begin
+  if p_tiers is null or not public.alert_tiers_valid(p_tiers) then
+    perform api.fail(422, 'invalid_receipt',
+                     'tiers must map toast, sound, notification, title or favicon to'
+                     || ' {"status": "shown" | "failed" | "disabled" | "unsupported", "error"?: text}');
+  end if;
+  if p_commit_to_shown_ms is not null and not p_commit_to_shown_ms between 0 and 86400000 then
+    perform api.fail(422, 'invalid_receipt', 'commit_to_shown_ms must be from 0 to 86400000');
+  end if;
   if p_assignment_id is not null
      and not exists (select 1 from public.session_assignments where id = p_assignment_id) then
     perform api.fail(422, 'unknown_assignment', format('assignment_id %s is not an assignment', p_assignment_id));
@@ -215,11 +244,12 @@ begin
   values (v_caller.id, p_assignment_id, p_event_id, p_tiers, p_commit_to_shown_ms)
   on conflict (mechanic_user_id, event_id) where event_id is not null do nothing
   returning id into v_id;
+  created := v_id is not null;
   if v_id is null then
     select id into v_id from public.alert_receipts
     where mechanic_user_id = v_caller.id and event_id = p_event_id;
   end if;
-  return v_id;
+  receipt_id := v_id;
 end
 $$;
 
@@ -251,19 +281,23 @@ begin
 end
 $$;
 
--- A probe ping for the caller; the caller's pings older than a day are dropped.
-create function api.probe_ping(p_nonce text) returns uuid
+-- A probe ping for the caller; the caller's pings older than a day are dropped. Returns
+-- the row as written, not as read back through row-level security: when a broken
+-- visibility rule hides it, the write still reports success and the probe shows that
+-- the event, not the write, went missing.
+create function api.probe_ping(p_nonce text) returns public.probe_pings
 language plpgsql security definer set search_path = '' as $$
 declare
   v_caller public.profiles := api.caller(array['customer', 'mechanic', 'admin']);
-  v_id uuid;
+  v_ping public.probe_pings;
 begin
   if p_nonce is null or length(p_nonce) not between 1 and 100 then
     perform api.fail(422, 'invalid_nonce', 'nonce must be 1 to 100 characters');
   end if;
   delete from public.probe_pings where user_id = v_caller.id and created_at < now() - interval '1 day';
-  insert into public.probe_pings (user_id, nonce) values (v_caller.id, p_nonce) returning id into v_id;
-  return v_id;
+  insert into public.probe_pings (user_id, nonce) values (v_caller.id, p_nonce)
+  returning * into v_ping;
+  return v_ping;
 end
 $$;
 

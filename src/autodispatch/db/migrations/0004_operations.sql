@@ -1,0 +1,24 @@
+-- 0004: operations. Every `serve` process (a realtime gateway: it reads the event log and
+-- pushes to its subscribers) records a heartbeat here, so `autodispatch audit` can say
+-- which gateways run, how far each has read the log and how many subscribers it holds,
+-- from SQL alone (the audit never talks to a server).
+--
+-- A process inserts its row when it starts, updates it every few seconds, and deletes
+-- it when it stops cleanly. A row whose heartbeat stopped is a process that died (killed,
+-- out of memory, a container restart): the audit reports it, `repair --apply` forgets it.
+
+create table realtime.gateways (
+  id uuid primary key,
+  host text not null,
+  pid integer not null,
+  version text not null,
+  started_at timestamptz not null default now(),
+  seen_at timestamptz not null default now(),
+  -- How often this process beats: a row not seen for three beats is a stopped process.
+  heartbeat_seconds real not null constraint gateways_heartbeat_check check (heartbeat_seconds > 0),
+  -- The highest event id the process had routed to its subscribers at seen_at.
+  position bigint not null default 0,
+  subscribers integer not null default 0 constraint gateways_subscribers_check check (subscribers >= 0)
+);
+
+revoke all on realtime.gateways from public;

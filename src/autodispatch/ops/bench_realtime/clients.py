@@ -1,0 +1,378 @@
+"""Subscriber processes: WebSocket clients on asyncio transports, timing each frame they get."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import random
+import resource
+import time
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime
+from multiprocessing.connection import Connection
+from typing import Any
+
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+_POSTGRES_CHANGES = b'"event":"postgres_changes"'
+_COMMIT_TS = b'"commit_timestamp":"'
+# Latency histogram: 0.1 ms buckets up to 10 s, then 10 ms buckets up to 300 s.
+_FINE = 100_000
+_HIST_LAST = _FINE + 29_000
+
+
+def _bucket(latency: float) -> int:
+    if latency < 10.0:
+        return max(int(latency * 10_000), 0)
+    return min(_FINE + int((latency - 10.0) * 100), _HIST_LAST)
+
+
+def _bucket_ms(bucket: int) -> float:
+    """The middle of a bucket, in milliseconds."""
+    if bucket < _FINE:
+        return (bucket + 0.5) / 10
+    return 10_000 + (bucket - _FINE + 0.5) * 10
+
+
+HEARTBEAT_SECONDS = 25.0  # as the stock clients
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.received = 0
+        self.control = 0
+        self.hist = [0] * (_HIST_LAST + 1)
+        self.max = 0.0
+        self.closed: Counter[str] = Counter()
+        self.timestamps: dict[bytes, float] = {}
+
+    def timestamp(self, raw: bytes) -> float:
+        ts = self.timestamps.get(raw)
+        if ts is None:
+            if len(self.timestamps) > 50_000:
+                self.timestamps.clear()
+            ts = datetime.fromisoformat(raw.decode()).timestamp()
+            self.timestamps[raw] = ts
+        return ts
+
+    def snapshot(self, open_count: int) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "control": self.control,
+            "hist": {i: n for i, n in enumerate(self.hist) if n},
+            "max": self.max,
+            "closed": dict(self.closed),
+            "open": open_count,
+        }
+
+
+class _Subscriber(asyncio.Protocol):
+    def __init__(self, client: _Client, index: int, url: str, join: str) -> None:
+        self.client = client
+        self.index = index
+        self.ws = ClientProtocol(parse_uri(url), max_size=None)
+        self.join_frame = join
+        self.transport: asyncio.Transport | None = None
+        self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closing = False
+        self.next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS * random.random()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.ws.send_request(self.ws.connect())
+        self.flush()
+
+    def flush(self) -> None:
+        if self.transport is None:
+            return
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            else:  # the protocol is done writing (closing handshake)
+                self.transport.close()
+                return
+
+    def send(self, text: str) -> None:
+        self.ws.send_text(text.encode())
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        stats = self.client.stats
+        self.ws.receive_data(data)
+        for event in self.ws.events_received():
+            if isinstance(event, Response):
+                if event.status_code != 101:
+                    self._fail(f"handshake refused: HTTP {event.status_code} {event.body!r}")
+                else:
+                    self.send(self.join_frame)
+                continue
+            if not isinstance(event, Frame) or event.opcode is not Opcode.TEXT:
+                continue
+            frame = event.data if isinstance(event.data, bytes) else bytes(event.data)
+            if frame.find(_POSTGRES_CHANGES, 0, 200) >= 0:
+                start = frame.find(_COMMIT_TS) + len(_COMMIT_TS)
+                end = frame.find(b'"', start)
+                latency = now - stats.timestamp(frame[start:end])
+                stats.received += 1
+                stats.hist[_bucket(latency)] += 1
+                if latency > stats.max:
+                    stats.max = latency
+            else:
+                stats.control += 1
+                self._control(json.loads(frame))
+        self.flush()
+
+    def _control(self, msg: dict[str, Any]) -> None:
+        if self.joined.done():
+            return
+        payload = msg.get("payload") or {}
+        if msg.get("event") == "phx_reply" and msg.get("ref") == "1":
+            if payload.get("status") != "ok":
+                self._fail(f"join refused: {payload}")
+        elif msg.get("event") == "system":
+            if payload.get("status") == "ok":
+                self.joined.set_result(None)  # "Subscribed to PostgreSQL": live from now
+            else:
+                self._fail(f"join failed: {payload}")
+
+    def _fail(self, why: str) -> None:
+        if not self.joined.done():
+            self.joined.set_exception(RuntimeError(why))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.subscribers.pop(self.index, None)
+        if not self.closing:
+            self.client.stats.closed[str(self.ws.close_code or "dropped")] += 1
+        self._fail(f"connection lost ({exc or self.ws.close_code})")
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.ws.send_close(1000)
+            self.flush()
+            self.transport.close()
+
+
+class _Client:
+    """One subscriber process: opens, holds and closes connections on request."""
+
+    def __init__(self, host: str, port: int, url: str) -> None:
+        self.host = host
+        self.port = port
+        self.url = url
+        self.stats = _Stats()
+        self.subscribers: dict[int, _Subscriber] = {}
+
+    async def open(self, items: list[tuple[int, str]]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        gate = asyncio.Semaphore(64)
+        errors: list[str] = []
+
+        async def one(index: int, join: str) -> None:
+            async with gate:
+                try:
+                    _, sub = await loop.create_connection(
+                        lambda: _Subscriber(self, index, self.url, join), self.host, self.port
+                    )
+                    self.subscribers[index] = sub
+                    await asyncio.wait_for(sub.joined, timeout=60)
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    errors.append(f"subscriber {index}: {exc}")
+                    if index in self.subscribers:
+                        self.subscribers.pop(index).close()
+
+        await asyncio.gather(*(one(i, join) for i, join in items))
+        return {
+            "opened": len(items) - len(errors),
+            "errors": errors[:5],
+            "failed": len(errors),
+            "seconds": time.perf_counter() - started,
+        }
+
+    def close(self, indices: Iterable[int]) -> dict[str, Any]:
+        for index in indices:
+            sub = self.subscribers.pop(index, None)
+            if sub is not None:
+                sub.close()
+        return {"open": len(self.subscribers)}
+
+    async def heartbeats(self) -> None:
+        frame = json.dumps({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "hb"})
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for sub in list(self.subscribers.values()):
+                if now >= sub.next_heartbeat and sub.joined.done():
+                    sub.next_heartbeat = now + HEARTBEAT_SECONDS
+                    sub.send(frame)
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _subscriber_process(conn: Connection, host: str, port: int, url: str) -> None:
+    """Entry point of a subscriber process: serve the parent's commands until "quit"."""
+    raise_fd_limit()
+    asyncio.run(_serve_commands(conn, _Client(host, port, url)))
+
+
+async def _serve_commands(conn: Connection, client: _Client) -> None:
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    loop.add_reader(conn.fileno(), lambda: commands.put_nowait(conn.recv()))
+    heartbeats = asyncio.create_task(client.heartbeats())
+    try:
+        while True:
+            command = await commands.get()
+            kind = command[0]
+            if kind == "open":
+                reply: Any = await client.open(command[1])
+            elif kind == "close":
+                reply = client.close(command[1])
+            elif kind == "reset":
+                client.stats = _Stats()
+                reply = {"open": len(client.subscribers)}
+            elif kind == "stats":
+                reply = client.stats.snapshot(len(client.subscribers))
+            else:  # quit
+                client.close(list(client.subscribers))
+                await asyncio.sleep(0.2)
+                conn.send({"bye": True})
+                return
+            conn.send(reply)
+    finally:
+        heartbeats.cancel()
+
+
+class LoadGenerator:
+    """The parent's handle on the subscriber processes; subscriber i lives in process i % n."""
+
+    def __init__(self, processes: int, host: str, port: int, anon_key: str) -> None:
+        self.url = f"ws://{host}:{port}/realtime/v1/websocket?apikey={anon_key}&vsn=1.0.0"
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        for _ in range(processes):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_subscriber_process, args=(child, host, port, self.url), daemon=True
+            )
+            proc.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+        self.open: set[int] = set()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    async def _ask_all(self, commands: list[tuple[Any, ...] | None]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+
+        def ask(pipe: Connection, command: tuple[Any, ...]) -> Any:
+            pipe.send(command)
+            return pipe.recv()
+
+        jobs = [
+            loop.run_in_executor(None, ask, pipe, command)
+            for pipe, command in zip(self.pipes, commands, strict=True)
+            if command is not None
+        ]
+        return list(await asyncio.gather(*jobs))
+
+    def _split(self, indices: Iterable[int]) -> list[list[int]]:
+        parts: list[list[int]] = [[] for _ in self.pipes]
+        for i in indices:
+            parts[i % len(self.pipes)].append(i)
+        return parts
+
+    async def resize(self, count: int, joins: list[str]) -> dict[str, Any]:
+        """Hold subscribers 0..count-1: open the missing ones, close the others."""
+        surplus = sorted(i for i in self.open if i >= count)
+        if surplus:
+            await self._ask_all(
+                [("close", part) if part else None for part in self._split(surplus)]
+            )
+            self.open -= set(surplus)
+        missing = [i for i in range(count) if i not in self.open]
+        result: dict[str, Any] = {"opened": 0, "failed": 0, "errors": [], "seconds": 0.0}
+        if missing:
+            started = time.perf_counter()
+            replies = await self._ask_all(
+                [
+                    ("open", [(i, joins[i]) for i in part]) if part else None
+                    for part in self._split(missing)
+                ]
+            )
+            for reply in replies:
+                result["opened"] += reply["opened"]
+                result["failed"] += reply["failed"]
+                result["errors"] += reply["errors"]
+            result["seconds"] = time.perf_counter() - started
+            self.open |= set(missing)
+        if result["failed"]:
+            raise SystemExit(
+                f"{result['failed']} subscribers could not join, e.g. {result['errors'][:3]}"
+            )
+        return result
+
+    def forget(self) -> None:
+        """After a server restart every connection is gone."""
+        self.open.clear()
+
+    async def reset(self) -> None:
+        await self._ask_all([("reset",) for _ in self.pipes])
+
+    async def collect(self) -> dict[str, Any]:
+        replies = await self._ask_all([("stats",) for _ in self.pipes])
+        hist: Counter[int] = Counter()
+        closed: Counter[str] = Counter()
+        for reply in replies:
+            hist.update(reply["hist"])
+            closed.update(reply["closed"])
+        return {
+            "received": sum(r["received"] for r in replies),
+            "hist": hist,
+            "max": max((r["max"] for r in replies), default=0.0),
+            "closed": closed,
+            "open": sum(r["open"] for r in replies),
+        }
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, EOFError):
+                pipe.send(("quit",))
+                if pipe.poll(5):
+                    pipe.recv()
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def percentile(hist: Counter[int], q: float) -> float:
+    """The q-quantile of a latency histogram, in milliseconds."""
+    total = sum(hist.values())
+    if not total:
+        return float("nan")
+    seen = 0
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        if seen >= q * total:
+            return _bucket_ms(bucket)
+    return _bucket_ms(max(hist))

@@ -1,0 +1,160 @@
+"""The heartbeat of one gateway process, and the dispatch health figures it measures.
+
+Every `serve` process reads the event log and pushes to its subscribers. It records
+itself in ``realtime.gateways`` (migration 0004) when it starts, refreshes the row every
+few seconds with how far it has routed the log and how many subscribers it holds, and
+deletes the row when it stops cleanly. `autodispatch audit` reads these rows with plain
+SQL: which gateways run, whether one lags, and which ones died without stopping.
+
+The same beat measures, with one query, what alerting needs from the database: offers
+past their expiry, requests past their time to live, the age of the oldest event this
+process has not routed, and the number of live gateways. They are Prometheus gauges on
+the app's registry.
+
+This module knows nothing of the realtime package (the layers forbid it): the app passes
+in functions that give the reader's position and the subscriber count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import Callable
+
+import psycopg
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from autodispatch import __version__
+from autodispatch.db.database import Database
+
+log = structlog.get_logger("autodispatch.ops")
+
+HEARTBEAT_SECONDS = 5.0
+# Expiry runs every 0.5 s; anything still past its time after this long is stuck.
+EXPIRY_GRACE_SECONDS = 30
+
+
+class HealthMetrics:
+    """Gauges refreshed by every heartbeat (values from the database, at that moment)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.offers_past_expiry = Gauge(
+            "autodispatch_offers_past_expiry",
+            f"Offers still open more than {EXPIRY_GRACE_SECONDS} s after their expiry",
+            registry=registry,
+        )
+        self.requests_past_ttl = Gauge(
+            "autodispatch_requests_past_ttl",
+            f"Requests still queued more than {EXPIRY_GRACE_SECONDS} s after their time to live",
+            registry=registry,
+        )
+        self.unrouted_age = Gauge(
+            "autodispatch_realtime_unrouted_age_seconds",
+            "Age of the oldest committed event this process has not routed yet (0: caught up)",
+            registry=registry,
+        )
+        self.gateways_live = Gauge(
+            "autodispatch_gateways_live",
+            "Gateway processes whose heartbeat is current, as this process sees the database",
+            registry=registry,
+        )
+        self.heartbeat_failures = Counter(
+            "autodispatch_heartbeat_failures_total",
+            "Heartbeats that could not be written (retried at the next beat)",
+            registry=registry,
+        )
+
+
+class GatewayHeartbeat:
+    def __init__(
+        self,
+        db: Database,
+        metrics: HealthMetrics,
+        *,
+        position: Callable[[], int],
+        subscribers: Callable[[], int],
+        request_ttl_seconds: int,
+        interval: float = HEARTBEAT_SECONDS,
+    ) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.position = position
+        self.subscribers = subscribers
+        self.request_ttl_seconds = request_ttl_seconds
+        self.interval = interval
+        self.id = uuid.uuid4()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Register this process (a failure is logged, and the beats retry)."""
+        try:
+            await self._register()
+        except (psycopg.Error, OSError) as exc:
+            self.metrics.heartbeat_failures.inc()
+            log.warning("gateway_register_failed", gateway=str(self.id), error=str(exc))
+        self._task = asyncio.create_task(self._beat_forever(), name="gateway-heartbeat")
+
+    async def stop(self) -> None:
+        """Stop beating and remove this process's row: a clean stop is not a dead gateway."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        try:
+            async with self.db.as_service() as tx:
+                await tx.execute("gateway_forget", {"id": self.id})
+        except (psycopg.Error, OSError) as exc:
+            log.warning("gateway_forget_failed", gateway=str(self.id), error=str(exc))
+
+    async def beat(self) -> None:
+        """Write one heartbeat and refresh the health gauges."""
+        position = self.position()
+        async with self.db.as_service() as tx:
+            updated = await tx.execute(
+                "gateway_beat",
+                {"id": self.id, "position": position, "subscribers": self.subscribers()},
+            )
+            health = await tx.one(
+                "dispatch_health",
+                {
+                    "grace_seconds": EXPIRY_GRACE_SECONDS,
+                    "request_ttl_seconds": self.request_ttl_seconds,
+                    "position": position,
+                },
+            )
+        if not updated:  # `repair --apply` forgot us while we were unreachable: come back
+            await self._register()
+        assert health is not None
+        self.metrics.offers_past_expiry.set(health["offers_past_expiry"])
+        self.metrics.requests_past_ttl.set(health["requests_past_ttl"])
+        self.metrics.unrouted_age.set(health["unrouted_age_seconds"])
+        self.metrics.gateways_live.set(health["gateways_live"])
+
+    async def _register(self) -> None:
+        async with self.db.as_service() as tx:
+            await tx.execute(
+                "gateway_register",
+                {
+                    "id": self.id,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "version": __version__,
+                    "heartbeat_seconds": self.interval,
+                    "position": self.position(),
+                },
+            )
+        log.info("gateway_registered", gateway=str(self.id))
+
+    async def _beat_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.beat()
+            except (psycopg.Error, OSError) as exc:
+                self.metrics.heartbeat_failures.inc()
+                log.warning("gateway_heartbeat_failed", gateway=str(self.id), error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.interval)

@@ -1,0 +1,537 @@
+// The mechanic dashboard: the live queue, the alerts, accept/decline, the active session.
+//
+// How the queue stays right:
+// - Realtime first, then the snapshot. After every (re)subscribe the page fetches GET
+//   /api/mechanic/queue and re-applies the events that arrived while it was loading, so
+//   nothing committed around the fetch is lost; rows keep the id of their last event,
+//   so an older event never overwrites a newer state.
+// - The channel resumes from the last event id (kept in localStorage), so a page that
+//   was closed or lost its connection is sent what it missed.
+// - When realtime has been down for 10 s, the page polls the queue every 5 s and says so.
+// - A request is alerted once per browser: its key is claimed in localStorage before
+//   the alert runs, whichever path (live event, replay, snapshot, poll) saw it first.
+//   The first time a mechanic opens the page in a browser, requests already waiting are
+//   listed without alerting (they are not new); on every later visit, requests that came
+//   in while the page was closed alert once.
+
+import { request, ApiError } from './api.js';
+import { h, $, show, setStatus, announcer, formatAge, ageSince, describeRequest } from './dom.js';
+import { setupSession, openSocket, renderConnection, pageOption } from './shell.js';
+import { PHASE } from './realtime.js';
+import { QueueStore, AlertMemory, alertKey } from './queue-state.js';
+import { createAlerter, Badges, unlockAudio, askNotificationPermission, MASTER_FLAG, TIER_FLAGS } from './alerts.js';
+import { ReceiptOutbox } from './receipts.js';
+import { createChat } from './chat.js';
+import { registerServiceWorker, subscribeToPush } from './push.js';
+
+const BASE_TITLE = 'Mechanic dashboard · autodispatch';
+const POLL_AFTER_MS = pageOption('poll_after_ms', 10000);
+const POLL_EVERY_MS = pageOption('poll_every_ms', 5000);
+const OPEN_SESSION = new Set(['waiting', 'live']);
+const FLAG_LABELS = {
+  [MASTER_FLAG]: 'New-request alerts',
+  [TIER_FLAGS.sound]: 'Sound',
+  [TIER_FLAGS.notification]: 'System notifications',
+  [TIER_FLAGS.title]: 'Tab title and icon badge',
+};
+
+setupSession({
+  namespace: 'mechanic',
+  roles: ['mechanic'],
+  pageName: BASE_TITLE,
+  onSignedIn: (auth) => start(auth).catch((error) => {
+    console.error(error);
+    setStatus($('#queue-message'), `The dashboard failed to start: ${error.message}`, 'error');
+  }),
+});
+
+// Audio may only start after a gesture: any click or key press unlocks it, and tells the
+// page the mechanic has seen it (clearing the title and icon badge).
+for (const type of ['click', 'keydown']) document.addEventListener(type, unlockAudio, { capture: true });
+
+async function start(auth) {
+  const userId = auth.user.id;
+  const announce = announcer($('#announcer'));
+  const store = new QueueStore();
+  const memory = new AlertMemory(userId);
+  const badges = new Badges(BASE_TITLE);
+  const outbox = new ReceiptOutbox(userId, auth);
+  const chat = createChat($('#active-chat'), auth);
+  const enterEvents = new Map(); // assignment id -> the event that put it in the queue
+  let flags = null; // {key: enabled}, null until loaded
+  let pendingAlerts = []; // waiting for the flags
+  let firstCatchUp = memory.isNew;
+  let catchingUp = false;
+  let buffered = [];
+  let active = null; // {session, assignment}
+  let polling = false;
+  let lastPoll = 0;
+
+  show($('#dashboard'));
+  document.title = BASE_TITLE;
+  for (const type of ['click', 'keydown']) document.addEventListener(type, () => badges.clear());
+  document.addEventListener('visibilitychange', () => {
+    if (document.visibilityState === 'visible' && document.hasFocus()) badges.clear();
+  });
+  window.addEventListener('pagehide', () => memory.flush());
+
+  const alerter = createAlerter({
+    toastRegion: $('#toasts'),
+    badges,
+    onView: (assignment) => focusCard(assignment.id),
+    onReceipt: (receipt) => outbox.send(receipt),
+  });
+
+  // -- flags --------------------------------------------------------------------------
+
+  let flagRetry = null;
+  async function loadFlags() {
+    clearTimeout(flagRetry);
+    try {
+      const body = await request('/api/feature-flags', { auth });
+      flags = Object.fromEntries(body.items.map((f) => [f.key, f.enabled]));
+      renderFlags();
+      flushPendingAlerts();
+    } catch (error) {
+      // Alerts wait for the flags (none is dropped, no flag is bypassed); the cards show.
+      setStatus($('#notification-status'), `Could not load the alert settings (${error.message}); retrying.`, 'error');
+      flagRetry = setTimeout(loadFlags, 3000);
+    }
+  }
+
+  function renderFlags() {
+    const list = $('#flag-list');
+    list.replaceChildren(...Object.entries(FLAG_LABELS).map(([key, label]) => {
+      const on = flags && flags[key] === true;
+      return h('li', { dataset: { flag: key, enabled: String(on) } },
+        h('span', {}, label), ' ', h('strong', {}, on ? 'on' : 'off'));
+    }));
+  }
+
+  function onFlagEvent(data) {
+    const record = data.type === 'DELETE' ? data.old_record : data.record;
+    if (!record || !record.key || !flags) return;
+    if (data.type === 'DELETE') delete flags[record.key];
+    else flags[record.key] = record.enabled === true;
+    renderFlags();
+  }
+
+  // -- alerts -------------------------------------------------------------------------
+
+  function maybeAlert(assignment, event) {
+    const key = alertKey(assignment);
+    // An offer alert also covers the request itself (no second alert after a decline).
+    const keys = assignment.status === 'offered' ? [key, `request:${assignment.id}`] : [key];
+    if (!memory.claim(keys)) return;
+    markNew(assignment.id);
+    const summary = assignment.request_summary || {};
+    announce(`${assignment.status === 'offered' ? 'Request offered to you' : 'New request'}: ${describeRequest(summary)}. ${summary.concern || ''}`);
+    if (flags === null) {
+      pendingAlerts.push([assignment, event]);
+      return;
+    }
+    alerter.alert(assignment, flags, event);
+  }
+
+  function flushPendingAlerts() {
+    const waiting = pendingAlerts;
+    pendingAlerts = [];
+    for (const [assignment, event] of waiting) {
+      // Only what is still takeable: a request gone meanwhile is not worth an alert.
+      if (store.items.has(assignment.id)) alerter.alert(store.items.get(assignment.id), flags, event);
+    }
+  }
+
+  /** After a snapshot: alert whatever is in the queue and not alerted yet. */
+  function alertUnseen() {
+    for (const assignment of store.list()) {
+      if (firstCatchUp) {
+        memory.claim([alertKey(assignment), `request:${assignment.id}`]);
+      } else {
+        maybeAlert(assignment, enterEvents.get(assignment.id) || null);
+      }
+    }
+    if (firstCatchUp && store.items.size) {
+      announce(`${store.items.size} request${store.items.size === 1 ? '' : 's'} waiting.`);
+    }
+    firstCatchUp = false;
+  }
+
+  // -- the queue ----------------------------------------------------------------------
+
+  function onAssignmentEvent(data) {
+    if (catchingUp) buffered.push(data);
+    applyAssignmentEvent(data, !catchingUp);
+  }
+
+  function applyAssignmentEvent(data, live) {
+    const { kind, assignment } = store.applyEvent(data);
+    if (kind === 'added' || kind === 'updated') {
+      const before = enterEvents.get(assignment.id);
+      if (kind === 'added' || !before || assignment.status === 'offered') {
+        enterEvents.set(assignment.id, { event_id: data.event_id, commit_timestamp: data.commit_timestamp });
+      }
+      if (live) maybeAlert(assignment, data);
+    }
+    if (kind === 'removed') enterEvents.delete(assignment.id);
+    // An accepted assignment of ours: the session events bring the active panel.
+    renderQueue();
+  }
+
+  async function catchUp() {
+    catchingUp = true;
+    buffered = [];
+    try {
+      const [queue] = await Promise.all([
+        request('/api/mechanic/queue', { auth }),
+        loadActiveSession(),
+        loadFlags(),
+      ]);
+      store.applySnapshot(queue.items || []);
+      const events = buffered;
+      buffered = [];
+      catchingUp = false;
+      for (const data of events) applyAssignmentEvent(data, false);
+      renderQueue();
+      alertUnseen();
+      setStatus($('#queue-message'), '');
+      outbox.retry();
+    } catch (error) {
+      catchingUp = false;
+      for (const data of buffered) applyAssignmentEvent(data, true);
+      buffered = [];
+      setStatus($('#queue-message'), `Could not load the queue: ${error.message}. Retrying…`, 'error');
+      setTimeout(() => {
+        if (socket.phase === PHASE.LIVE) catchUp();
+      }, 3000);
+    }
+  }
+
+  async function poll() {
+    lastPoll = Date.now();
+    try {
+      const [queue] = await Promise.all([
+        request('/api/mechanic/queue', { auth, timeoutMs: 8000 }),
+        loadFlags(), // flag changes made while realtime is down apply too
+      ]);
+      if (!polling) return;
+      store.applySnapshot(queue.items || []);
+      renderQueue();
+      alertUnseen();
+      setStatus($('#queue-message'), '');
+    } catch (error) {
+      setStatus($('#queue-message'), `Could not check for requests: ${error.message}`, 'error');
+    }
+  }
+
+  function watchConnection() {
+    const state = { phase: socket.phase, downSince: socket.downSince };
+    const down = socket.phase !== PHASE.LIVE && state.downSince !== null
+      && Date.now() - state.downSince >= POLL_AFTER_MS;
+    if (down && !polling) {
+      polling = true;
+      lastPoll = 0;
+    } else if (!down && polling) {
+      polling = false;
+    }
+    const notice = $('#poll-notice');
+    if (polling) {
+      const text = `Realtime is down: checking for new requests every ${POLL_EVERY_MS / 1000} s.`;
+      if (notice.textContent !== text) notice.textContent = text;
+      show(notice);
+      renderConnection(state, 'polling');
+      if (Date.now() - lastPoll >= POLL_EVERY_MS) poll();
+    } else {
+      show(notice, false);
+    }
+  }
+
+  const cards = new Map(); // assignment id -> li
+
+  function renderQueue() {
+    const list = $('#queue-list');
+    const items = store.list();
+    const ids = new Set(items.map((a) => a.id));
+    for (const [id, card] of cards) {
+      if (!ids.has(id)) {
+        card.remove();
+        cards.delete(id);
+      }
+    }
+    // An alert about a request that is gone (taken, cancelled) is no longer true.
+    for (const toast of document.querySelectorAll('#toasts .toast')) {
+      const id = toast.dataset.assignmentId;
+      if (id && id !== 'sample' && !ids.has(id)) toast.remove();
+    }
+    items.forEach((assignment, index) => {
+      let card = cards.get(assignment.id);
+      if (!card || card.dataset.status !== assignment.status) {
+        const fresh = renderCard(assignment);
+        if (card) card.replaceWith(fresh);
+        card = fresh;
+        cards.set(assignment.id, card);
+      }
+      if (list.children[index] !== card) list.insertBefore(card, list.children[index] || null);
+    });
+    $('#queue-count').textContent = String(items.length);
+    show($('#queue-empty'), items.length === 0);
+    tickAges();
+  }
+
+  function renderCard(assignment) {
+    const summary = assignment.request_summary || {};
+    const offered = assignment.status === 'offered';
+    const titleId = `request-${assignment.id}`;
+    const accept = h('button', { type: 'button', class: 'accept', 'aria-describedby': titleId }, 'Accept');
+    accept.addEventListener('click', () => acceptRequest(assignment, accept));
+    const actions = [accept];
+    if (offered) {
+      const decline = h('button', { type: 'button', class: 'secondary decline', 'aria-describedby': titleId }, 'Decline');
+      decline.addEventListener('click', () => declineOffer(assignment, decline));
+      actions.push(decline);
+    }
+    return h('li', { class: offered ? 'request-card offered' : 'request-card', dataset: { assignmentId: assignment.id, status: assignment.status } },
+      h('h3', { id: titleId }, describeRequest(summary) || 'A request'),
+      summary.concern ? h('p', { class: 'concern' }, summary.concern) : null,
+      h('p', { class: 'meta' },
+        h('span', { class: 'badge' }, summary.session_type === 'paid' ? 'Paid' : 'Free'), ' ',
+        offered ? h('span', { class: 'badge offer' }, 'Offered to you') : null, ' ',
+        h('span', { class: 'age', dataset: { since: assignment.queued_at || assignment.created_at } }, ''),
+        offered && assignment.offer_expires_at
+          ? h('span', { class: 'expires', dataset: { until: assignment.offer_expires_at } }, '') : null),
+      h('div', { class: 'actions' }, actions));
+  }
+
+  function tickAges() {
+    const now = Date.now();
+    for (const element of document.querySelectorAll('#queue-list .age')) {
+      element.textContent = `waiting ${formatAge(ageSince(element.dataset.since, now))}`;
+    }
+    for (const element of document.querySelectorAll('#queue-list .expires')) {
+      const left = -ageSince(element.dataset.until, now);
+      element.textContent = left > 0 ? ` · offer ends in ${formatAge(left)}` : ' · offer ending';
+    }
+  }
+
+  function markNew(id) {
+    const card = cards.get(id);
+    if (card) {
+      card.classList.add('new');
+      setTimeout(() => card.classList.remove('new'), 4000);
+    }
+  }
+
+  function focusCard(id) {
+    const card = cards.get(id);
+    if (card) {
+      card.scrollIntoView({ block: 'center' });
+      card.querySelector('button.accept').focus();
+    }
+  }
+
+  function queueMessage(text, kind) {
+    setStatus($('#queue-message'), text, kind);
+  }
+
+  async function acceptRequest(assignment, button) {
+    button.disabled = true;
+    queueMessage('Accepting…');
+    try {
+      const pair = await request(`/api/assignments/${assignment.id}/accept`, { method: 'POST', auth });
+      store.remove(assignment.id);
+      renderQueue();
+      setActive(pair);
+      queueMessage(`You accepted ${describeRequest(assignment.request_summary)}.`, 'ok');
+      $('#active-title').focus();
+    } catch (error) {
+      button.disabled = false;
+      if (error instanceof ApiError && error.code === 'already_taken') {
+        store.remove(assignment.id);
+        renderQueue();
+        queueMessage('Another mechanic took this request.', 'error');
+      } else if (error instanceof ApiError && error.status === 409) {
+        store.remove(assignment.id);
+        renderQueue();
+        queueMessage(`This request can no longer be accepted: ${error.message}`, 'error');
+      } else if (error instanceof ApiError && error.status === 0) {
+        queueMessage('Could not reach the server: the request was not accepted. Try again.', 'error');
+      } else {
+        queueMessage(`Not accepted: ${error.message}`, 'error');
+      }
+    }
+  }
+
+  async function declineOffer(assignment, button) {
+    button.disabled = true;
+    try {
+      await request(`/api/assignments/${assignment.id}/decline`, { method: 'POST', auth });
+      queueMessage('Offer declined: the request went back to the open queue.', 'ok');
+    } catch (error) {
+      button.disabled = false;
+      queueMessage(`Not declined: ${error.message}`, 'error');
+    }
+  }
+
+  // -- the active session ---------------------------------------------------------------
+
+  async function loadActiveSession() {
+    const sessions = await request('/api/sessions', { auth });
+    const open = (sessions.items || []).find((s) => OPEN_SESSION.has(s.status));
+    if (!open) {
+      if (active) setActive(null);
+      return;
+    }
+    setActive(await request(`/api/sessions/${open.id}`, { auth }));
+  }
+
+  function setActive(pair) {
+    active = pair && OPEN_SESSION.has(pair.session.status) ? pair : null;
+    renderActive();
+  }
+
+  function renderActive() {
+    const section = $('#active-session');
+    const banner = $('#banner');
+    if (!active) {
+      show(section, false);
+      show(banner, false);
+      banner.replaceChildren();
+      chat.close();
+      return;
+    }
+    const { session, assignment } = active;
+    const who = describeRequest(assignment.request_summary);
+    $('#active-summary').textContent = who;
+    $('#active-concern').textContent = (assignment.request_summary || {}).concern || '';
+    const live = session.status === 'live';
+    $('#active-status').textContent = live ? 'Live now.' : 'Accepted: start the session when you are ready.';
+    show($('#active-start'), !live);
+    show(section);
+    banner.replaceChildren(h('p', {}, h('strong', {}, live ? 'Live session' : 'Accepted session'), ` with ${who}`),
+      h('a', { href: '#active-session' }, 'Go to the session'));
+    banner.dataset.sessionId = session.id;
+    show(banner);
+    chat.open(session.id);
+  }
+
+  function onSessionEvent(data) {
+    const record = data.type === 'DELETE' ? data.old_record : data.record;
+    if (!record || !record.id) return;
+    const isActive = active && active.session.id === record.id;
+    if (data.type === 'DELETE' || !OPEN_SESSION.has(record.status)) {
+      if (isActive) {
+        const who = describeRequest(active.assignment.request_summary);
+        setActive(null);
+        announce(`The session with ${who} ended.`);
+        setStatus($('#active-message'), '');
+        queueMessage(`The session with ${who} ended (${record.status || 'closed'}).`, 'ok');
+      }
+      return;
+    }
+    // waiting or live: only the accepted mechanic sees a session in these states.
+    if (isActive) {
+      active = { ...active, session: { ...active.session, ...record } };
+      renderActive();
+    } else {
+      request(`/api/sessions/${record.id}`, { auth }).then(setActive).catch(() => {});
+    }
+  }
+
+  async function sessionAction(action, button) {
+    if (!active) return;
+    button.disabled = true;
+    try {
+      const pair = await request(`/api/sessions/${active.session.id}/${action}`, { method: 'POST', auth });
+      setActive(pair);
+      if (!OPEN_SESSION.has(pair.session.status)) queueMessage(`The session ended (${pair.session.status}).`, 'ok');
+    } catch (error) {
+      setStatus($('#active-message'), `Could not ${action} the session: ${error.message}`, 'error');
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  $('#active-start').addEventListener('click', (e) => sessionAction('start', e.currentTarget));
+  $('#active-end').addEventListener('click', (e) => sessionAction('end', e.currentTarget));
+
+  // -- notifications and push -----------------------------------------------------------
+
+  const notificationButton = $('#enable-notifications');
+  const notificationStatus = $('#notification-status');
+  function describePermission() {
+    if (!('Notification' in window)) return 'This browser cannot show notifications.';
+    return {
+      granted: 'System notifications are on in this browser.',
+      denied: 'Notifications are blocked for this site: allow them in the browser\'s site settings.',
+      default: 'System notifications are off until you enable them.',
+    }[Notification.permission];
+  }
+  setStatus(notificationStatus, describePermission());
+  registerServiceWorker().catch((error) => console.warn('service worker not registered', error));
+  notificationButton.addEventListener('click', async () => {
+    notificationButton.disabled = true;
+    try {
+      const permission = await askNotificationPermission();
+      if (permission !== 'granted') {
+        setStatus(notificationStatus, describePermission(), permission === 'denied' ? 'error' : 'info');
+        return;
+      }
+      setStatus(notificationStatus, 'Notifications are on. Setting up alerts for when this page is closed…');
+      const outcome = await subscribeToPush(auth);
+      setStatus(notificationStatus, outcome.ok
+        ? 'Notifications are on, also when this page is closed.'
+        : `Notifications are on while this page is open. Closed-page alerts are unavailable: ${outcome.reason}`,
+      outcome.ok ? 'ok' : 'info');
+    } finally {
+      notificationButton.disabled = false;
+    }
+  });
+
+  $('#try-alert').addEventListener('click', async () => {
+    const sample = {
+      id: 'sample', status: 'queued',
+      request_summary: { customer_first_name: 'Sample', vehicle: '2020 Demo Car', concern: 'This is how an alert looks and sounds.', session_type: 'free' },
+    };
+    const receipt = await alerter.alert(sample, flags || {}, null, { sendReceipt: false });
+    const worked = Object.entries(receipt.tiers).map(([tier, r]) => `${tier}: ${r.status}${r.error ? ` (${r.error})` : ''}`);
+    setStatus(notificationStatus, `Alert tried. ${worked.join('; ')}`);
+  });
+
+  // -- realtime -------------------------------------------------------------------------
+
+  const socket = await openSocket(auth, { onState: () => watchConnection() });
+  socket.channel(`queue:${userId}`, {
+    changes: [
+      { event: '*', schema: 'public', table: 'session_assignments' },
+      { event: '*', schema: 'public', table: 'sessions' },
+      { event: '*', schema: 'public', table: 'feature_flags' },
+      { event: 'INSERT', schema: 'public', table: 'session_messages' },
+    ],
+    cursor: memory.cursor,
+    onChange: (data) => {
+      if (data.table === 'session_assignments') onAssignmentEvent(data);
+      else if (data.table === 'sessions') onSessionEvent(data);
+      else if (data.table === 'feature_flags') onFlagEvent(data);
+      else if (data.table === 'session_messages') chat.onEvent(data);
+    },
+    onCursor: (cursor) => { memory.cursor = cursor; },
+    onResync: () => memory.forgetCursor(),
+    onStatus: (status) => {
+      if (status === 'subscribed') catchUp();
+    },
+    onTokenRejected: () => auth.refresh(),
+  });
+  socket.channel('mechanics-online', {
+    presence: { key: userId, meta: { name: auth.name, user_id: userId, online_at: new Date().toISOString() } },
+  });
+  socket.connect();
+  // Not waiting for realtime: if it never comes up, polling starts after 10 s, and the
+  // flags and the active session must be known by then.
+  loadFlags();
+  loadActiveSession().catch(() => {});
+  setInterval(() => {
+    watchConnection();
+    tickAges();
+  }, 1000);
+  renderFlags();
+}

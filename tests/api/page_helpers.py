@@ -1,0 +1,249 @@
+"""Helpers for the page API tests: a Server-Sent Events reader, and a local Web Push service.
+
+The push service is what a browser vendor runs: an HTTPS endpoint (self-signed, trusted
+through ``REQUESTS_CA_BUNDLE``) that records each POST. A ``Browser`` holds what a
+browser keeps for one subscription (the P-256 key pair and the auth secret), so a test
+can decrypt what was pushed, as the browser would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import re
+import ssl
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import http_ece
+import httpx
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    """A sample's value in /metrics (0 when absent)."""
+    text = (await client.get("/metrics")).text
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        if dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or "")) == labels:
+            return float(match.group(3))
+    return 0.0
+
+
+# --- Server-Sent Events -------------------------------------------------------------------
+
+
+class SSE:
+    def __init__(self, response: httpx.Response) -> None:
+        self.lines = response.aiter_lines()
+
+    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        while True:
+            line = await asyncio.wait_for(anext(self.lines), timeout)
+            if line == "":
+                if "event" in fields or "data" in fields:
+                    if "data" in fields:
+                        fields["json"] = json.loads(fields["data"])
+                    return fields
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+
+    async def change(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The next row event's data."""
+        while True:
+            event = await self.next(timeout)
+            if event.get("event") == "postgres_changes":
+                data: dict[str, Any] = event["json"]
+                return data
+
+    async def silent(self, seconds: float) -> bool:
+        """True when no row event arrives within ``seconds``."""
+        try:
+            await self.change(seconds)
+        except TimeoutError:
+            return True
+        return False
+
+
+@asynccontextmanager
+async def sse(
+    client: httpx.AsyncClient, base: str, headers: dict[str, str], tables: str
+) -> AsyncIterator[SSE]:
+    async with client.stream(
+        "GET", f"{base}/realtime/v1/sse?tables={tables}", headers=headers
+    ) as response:
+        assert response.status_code == 200, await response.aread()
+        reader = SSE(response)
+        first = await reader.next()
+        assert first["event"] == "subscribed"
+        yield reader
+
+
+# --- A local Web Push service --------------------------------------------------------------
+
+
+@dataclass
+class Browser:
+    """What a browser keeps for one push subscription."""
+
+    private_key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
+    auth_secret: bytes = field(default_factory=lambda: os.urandom(16))
+
+    @property
+    def p256dh(self) -> str:
+        return b64url(
+            self.private_key.public_key().public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+            )
+        )
+
+    @property
+    def auth(self) -> str:
+        return b64url(self.auth_secret)
+
+    def decrypt(self, body: bytes) -> dict[str, Any]:
+        plain = http_ece.decrypt(
+            body, private_key=self.private_key, auth_secret=self.auth_secret, version="aes128gcm"
+        )
+        result: dict[str, Any] = json.loads(plain)
+        return result
+
+
+@dataclass
+class Push:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class PushService:
+    """An HTTPS push service on 127.0.0.1 that records every push; ``answers`` maps a path
+    to the status it replies with (201 otherwise)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.pushes: list[Push] = []
+        self.answers: dict[str, int] = {}
+        self.arrived = threading.Condition()
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        self.ca_file = folder / "push-service-cert.pem"
+        self.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file = folder / "push-service-key.pem"
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.ca_file, key_file)
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                status = service.answers.get(self.path, 201)
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                with service.arrived:
+                    service.pushes.append(
+                        Push(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                    )
+                    service.arrived.notify_all()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.origin = f"https://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def endpoint(self, name: str) -> str:
+        return f"{self.origin}/push/{name}"
+
+    def to(self, name: str) -> list[Push]:
+        return [p for p in self.pushes if p.path == f"/push/{name}"]
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Push]:
+        """At least ``count`` pushes in all, once they have arrived."""
+
+        def wait() -> list[Push]:
+            with self.arrived:
+                self.arrived.wait_for(lambda: len(self.pushes) >= count, timeout)
+                return list(self.pushes)
+
+        pushes = await asyncio.to_thread(wait)
+        assert len(pushes) >= count, f"{len(pushes)} pushes arrived, expected {count}"
+        return pushes
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def check_vapid(push: Push, public_key: str, origin: str, subject: str) -> dict[str, Any]:
+    """The push's VAPID Authorization (RFC 8292) is signed by ``public_key`` for this push
+    service; its claims."""
+    scheme, _, params = push.headers["authorization"].partition(" ")
+    assert scheme == "vapid"
+    parts = dict(item.split("=", 1) for item in params.split(","))
+    assert parts["k"] == public_key
+    point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b64url_decode(parts["k"]))
+    claims: dict[str, Any] = jwt.decode(
+        parts["t"], key=point, algorithms=["ES256"], audience=origin
+    )
+    assert claims["sub"] == subject
+    now = datetime.datetime.now(datetime.UTC).timestamp()
+    assert now < claims["exp"] <= now + 24 * 3600  # RFC 8292: at most 24 hours ahead
+    return claims

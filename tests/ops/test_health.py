@@ -1,0 +1,213 @@
+"""Health and observability: /readyz with its reasons, /metrics, request ids in headers
+and in every log line, and the gateway heartbeat the audit reads."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from fastapi import FastAPI
+from ops_helpers import sql
+
+from autodispatch.db.database import Database
+from autodispatch.logs import configure_logging
+from conftest import World
+
+
+async def test_readyz_is_ready_when_every_check_passes(world: World) -> None:
+    """The database answers, it is at head, the log reader is caught up."""
+    r = await world.client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "status": "ready",
+        "reasons": [],
+        "checks": {"database": "ok", "migrations": "ok", "realtime": "ok"},
+    }
+
+
+async def test_readyz_says_the_migrations_are_behind(world: World) -> None:
+    """A database at an older revision is not ready, and the reason says what to run."""
+    sql(world.app.state.services.db.url, "update alembic_version set version_num = '0003'")
+    r = await world.client.get("/readyz")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["status"] == "not_ready"
+    assert body["checks"]["migrations"].startswith("database is at revision 0003")
+    assert "autodispatch migrate" in body["reasons"][0]
+
+
+async def test_readyz_says_the_log_reader_is_behind(world: World) -> None:
+    """A reader that stopped routing while events keep committing is not ready."""
+    await world.app.state.realtime.stop()  # the reader stops; the database does not
+    await world.queued()
+    sql(world.app.state.services.db.url, "update realtime.events set at = now() - interval '1 min'")
+    r = await world.client.get("/readyz")
+    assert r.status_code == 503
+    reason = r.json()["checks"]["realtime"]
+    assert reason.startswith("the realtime log reader is behind: event ")
+    assert "is not routed yet" in reason
+    assert r.json()["checks"]["database"] == "ok"
+
+
+async def test_readyz_says_the_database_is_unreachable(world: World) -> None:
+    """When the database cannot be reached the reason names the error."""
+    svc = world.app.state.services
+    working = svc.db
+    svc.db = Database("postgresql://nobody@127.0.0.1:1/none")  # a pool never opened
+    try:
+        r = await world.client.get("/readyz")
+    finally:
+        svc.db = working
+    assert r.status_code == 503
+    assert r.json()["reasons"][0].startswith("database unreachable: PoolClosed")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text ``text``."""
+    for line in text.splitlines():
+        if not line.startswith(name + ("{" if labels else " ")):
+            continue
+        inside = line[line.find("{") + 1 : line.rfind("}")] if labels else ""
+        found = dict(re.findall(r'(\w+)="([^"]*)"', inside))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name} {labels} in /metrics")
+
+
+async def test_metrics_cover_http_routes_the_pool_and_dispatch_health(world: World) -> None:
+    """Requests are counted and timed by route template and status; the pool's statistics
+    and the heartbeat's dispatch health are exposed."""
+    created = await world.request()
+    sid = created["session"]["id"]
+    for _ in range(2):
+        r = await world.client.get(f"/api/sessions/{sid}", headers=world.customer.headers)
+        assert r.status_code == 200
+    assert (await world.client.get("/nowhere")).status_code == 404
+    await world.app.state.heartbeat.beat()
+    text = (await world.client.get("/metrics")).text
+
+    route = "/api/sessions/{session_id}"
+    assert metric(text, "autodispatch_http_requests_total", route=route, status="200") == 2
+    assert (
+        metric(
+            text,
+            "autodispatch_http_request_seconds_count",
+            route=route,
+            method="GET",
+            status="200",
+        )
+        == 2
+    )
+    assert metric(text, "autodispatch_http_requests_total", route="unmatched", status="404") == 1
+    assert sid not in text  # never a raw path
+    assert metric(text, "autodispatch_db_pool_connections", state="open") >= 1
+    assert metric(text, "autodispatch_db_pool_bound", bound="max") == 20
+    assert metric(text, "autodispatch_db_pool_requests_total") > 0
+    assert metric(text, "autodispatch_gateways_live") == 1
+    assert metric(text, "autodispatch_offers_past_expiry") == 0
+    assert metric(text, "autodispatch_requests_past_ttl") == 0
+    assert metric(text, "autodispatch_realtime_unrouted_age_seconds") >= 0
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Logging configured as `serve` does it (JSON), into a buffer; reset afterwards."""
+    buffer = io.StringIO()
+    configure_logging("json", stream=buffer)
+    try:
+        yield buffer
+    finally:
+        structlog.reset_defaults()
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+
+
+def lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+def add_test_routes(app: FastAPI) -> None:
+    async def inside() -> dict[str, bool]:
+        structlog.get_logger("test").info("inside_handler")
+        logging.getLogger("test.stdlib").warning("stdlib line")
+        return {"ok": True}
+
+    async def boom() -> None:
+        raise RuntimeError("boom on purpose")
+
+    app.add_api_route("/test/inside", inside)
+    app.add_api_route("/test/boom", boom)
+
+
+async def test_every_log_line_of_a_request_carries_its_id(
+    world: World, log_lines: io.StringIO
+) -> None:
+    """A given X-Request-ID is echoed and on every line logged while the request is
+    handled (ours and the standard library's); without one, an id is made."""
+    add_test_routes(world.app)
+    log_lines.truncate(0)
+    r = await world.client.get("/test/inside", headers={"X-Request-ID": "req-abc.123"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-abc.123"
+    found = lines(log_lines)
+    events = {line["event"]: line for line in found if line.get("request_id") == "req-abc.123"}
+    assert set(events) == {"inside_handler", "stdlib line", "request"}
+    assert events["request"]["route"] == "/test/inside" and events["request"]["status"] == 200
+    assert events["request"]["level"] == "info" and "timestamp" in events["request"]
+
+    r = await world.client.get("/api/workshops")
+    made = r.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    r = await world.client.get("/api/workshops", headers={"X-Request-ID": "bad id\n{json}"})
+    assert r.headers["x-request-id"] not in ("bad id\n{json}", made)
+    assert all(line.get("request_id") for line in lines(log_lines) if line["event"] == "request")
+    assert structlog.contextvars.get_contextvars() == {}  # nothing leaks past the request
+
+
+async def test_an_unhandled_error_is_logged_with_the_id_and_answered_in_json(
+    world: World, log_lines: io.StringIO
+) -> None:
+    """An exception no handler caught: one JSON 500 naming the request id, one log line
+    with the traceback and the id."""
+    add_test_routes(world.app)
+    r = await world.client.get("/test/boom", headers={"X-Request-ID": "boom-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "boom-1"
+    assert r.json()["error"]["code"] == "internal_error"
+    assert "boom-1" in r.json()["error"]["message"]
+    failed = [line for line in lines(log_lines) if line["event"] == "request_failed"]
+    assert len(failed) == 1 and failed[0]["request_id"] == "boom-1"
+    assert "boom on purpose" in json.dumps(failed[0]["exception"])
+    request = [line for line in lines(log_lines) if line["event"] == "request"]
+    assert request[-1]["status"] == 500 and request[-1]["level"] == "error"
+
+
+async def test_each_server_records_its_heartbeat_and_forgets_it_on_a_clean_stop(
+    world: World,
+) -> None:
+    """The running app is a gateway row with its pid and how far it routed the log; a row
+    `repair` forgot comes back at the next beat."""
+    url = world.app.state.services.db.url
+    heartbeat = world.app.state.heartbeat
+    rows = sql(url, "select id, pid, position from realtime.gateways")
+    assert rows == [(heartbeat.id, os.getpid(), rows[0][2])]
+    await world.queued()
+    reader = world.app.state.log_reader
+    head = sql(url, "select last_id from realtime.stream")[0][0]
+    for _ in range(100):
+        if reader.routed >= head:
+            break
+        await asyncio.sleep(0.05)
+    await heartbeat.beat()
+    assert sql(url, "select position from realtime.gateways") == [(head,)]
+    sql(url, "delete from realtime.gateways")
+    await heartbeat.beat()
+    assert sql(url, "select id from realtime.gateways") == [(heartbeat.id,)]
