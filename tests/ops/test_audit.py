@@ -489,3 +489,57 @@ async def test_a_first_version_database_is_audited_without_crashing(first_versio
     unknown = finding(report, "unknown_status")
     assert unknown.rows[0]["assignment_status"] == "declined"
     assert "realtime" in {f.area for f in report.findings if f.code == "check_not_run"}
+
+
+async def test_more_schema_damage_is_named(db_url: str) -> None:
+    """A revision newer than the code, a trigger running another function, the event-id
+    trigger no longer deferred, a visibility policy that stopped comparing keys, and an
+    event log whose head is behind its events."""
+    sql(db_url, "update feature_flags set enabled = false where key = 'mech_audio_alerts'")
+    sql(
+        db_url,
+        """
+        update alembic_version set version_num = '9999';
+        drop trigger sessions_audit on sessions;
+        create trigger sessions_audit after insert or update of status on sessions
+          for each row execute function public.guard_transition('session', 'pending');
+        drop trigger events_assign_id on realtime.events;
+        create constraint trigger events_assign_id after insert on realtime.events
+          not deferrable for each row execute function realtime.assign_id();
+        drop policy sessions_visible on sessions;
+        create policy sessions_visible on sessions for select to anon, authenticated
+          using (customer_id = auth.uid());
+        update realtime.stream set last_id = 0;
+        """,
+    )
+    report = await audit(db_url)
+    assert report.codes() == {
+        "migrations_ahead",
+        "trigger_runs_other_function",
+        "trigger_not_deferred",
+        "policy_not_key_based",
+        "stream_behind_events",
+    }
+    assert finding(report, "trigger_runs_other_function").rows == [
+        {
+            "table": "public.sessions",
+            "trigger": "sessions_audit",
+            "runs": "public.guard_transition",
+            "expected": "public.audit_transition",
+        }
+    ]
+    assert finding(report, "policy_not_key_based").rows[0]["policy"] == "sessions_visible"
+    assert finding(report, "stream_behind_events").area == "realtime"
+
+    sql(db_url, "delete from realtime.stream")
+    assert "stream_row_missing" in (await audit(db_url)).codes()
+
+
+async def test_a_table_without_a_status_column_is_named(first_version_db: str) -> None:
+    """Without sessions.status, the status and pair checks say what is missing."""
+    sql(first_version_db, "alter table sessions drop column status")
+    report = await audit(first_version_db)
+    assert finding(report, "status_column_missing").rows == [{"table": "sessions"}]
+    missing = {r["missing"] for f in report.findings if f.code == "check_not_run" for r in f.rows}
+    assert "public.sessions.status" in missing
+    assert "check_failed" not in report.codes()

@@ -163,7 +163,7 @@ class Repairer:
                         off = await self.enabled_triggers(BYPASSED_TRIGGERS)
                         await self._set_triggers(off, enable=False)
                         await body()
-                        pass
+                        await self._set_triggers(off, enable=True)
                     else:
                         await body()
                 return
