@@ -7,10 +7,24 @@ import psycopg
 
 from autodispatch.db.database import Database
 from autodispatch.ops.probe import explain_missing, run_probe
-from autodispatch.realtime.explain import explain_delivery
+from autodispatch.realtime.explain import Explanation, explain_delivery
 from conftest import LiveWorld
 
 PASSWORD = "password-123"
+
+
+async def explain_ping(
+    db_url: str, ping_id: str, email: str, row_filter: str | None = None
+) -> Explanation:
+    """What `autodispatch probe` says when the ping's event does not arrive."""
+    db = Database(db_url, min_size=1, max_size=1)
+    await db.open()
+    try:
+        event_id = await explain_missing(db, ping_id)
+        assert event_id is not None, "the ping's insert was not logged"
+        return await explain_delivery(db, event_id, email, row_filter=row_filter)
+    finally:
+        await db.close()
 
 
 async def test_probe_passes_for_each_kind_of_account(live: LiveWorld) -> None:
@@ -54,14 +68,7 @@ async def test_a_filter_that_hides_the_change_is_named(live: LiveWorld) -> None:
     failed = result.failed
     assert failed is not None and failed.name == "delivery"
     assert result.ping_id is not None
-    db = Database(live.db_url, min_size=1, max_size=1)
-    await db.open()
-    try:
-        event_id = await explain_missing(db, result.ping_id)
-        assert event_id is not None
-        why = await explain_delivery(db, event_id, account.email, row_filter="nonce=eq.nothing")
-    finally:
-        await db.close()
+    why = await explain_ping(live.db_url, result.ping_id, account.email, "nonce=eq.nothing")
     assert not why.delivered
     assert "filter 'nonce=eq.nothing' does not match" in why.text
 
@@ -80,14 +87,7 @@ async def test_a_missing_visibility_key_is_named(live: LiveWorld) -> None:
     failed = result.failed
     assert failed is not None and failed.name == "delivery"
     assert result.ping_id is not None
-    db = Database(live.db_url, min_size=1, max_size=1)
-    await db.open()
-    try:
-        event_id = await explain_missing(db, result.ping_id)
-        assert event_id is not None
-        why = await explain_delivery(db, event_id, account.email)
-    finally:
-        await db.close()
+    why = await explain_ping(live.db_url, result.ping_id, account.email)
     assert not why.delivered
     assert "'user:nobody'" in why.text
     assert f"'user:{account.id}'" in why.text
