@@ -89,7 +89,7 @@ async def test_the_admin_toggles_flags_live_sees_the_queue_and_who_is_online_and
     await expect(row).to_contain_text("offered to Mo", timeout=SLOW)
     offer = mechanic.locator(f'.request-card[data-assignment-id="{assignment_id}"]')
     await expect(offer.locator(".badge.offer")).to_have_text("Offered to you", timeout=SLOW)
-    await pages.screenshot("admin", "offered", docs="admin.png")
+    await pages.screenshot("admin", "offered")
     await offer.get_by_role("button", name="Decline").click()
     await expect(mechanic.locator("#queue-message")).to_contain_text("Offer declined", timeout=SLOW)
     await expect(offer.locator(".badge.offer")).to_have_count(0, timeout=SLOW)
@@ -101,6 +101,7 @@ async def test_the_admin_toggles_flags_live_sees_the_queue_and_who_is_online_and
     shown = admin.locator('#health-tiers tr[data-tier="toast"] td[data-status="shown"]')
     await expect(shown).to_have_text("2", timeout=SLOW)
     await expect(admin.locator("#health-latency")).to_contain_text("2 alerts")
+    await pages.screenshot("admin", "health", docs="admin.png")
 
     await mechanic.close()
     await expect(admin.locator("#online-list li")).to_have_count(0, timeout=SLOW)
@@ -125,6 +126,9 @@ async def test_the_probe_lists_every_event_with_its_latency(pages: Pages, live: 
         1, timeout=SLOW
     )
     await expect(probe.locator("#cursor")).not_to_have_text("none")
+    # One connection all along: delivering events never cost a reconnect.
+    await expect(probe.locator("#log li", has_text="socket: connected")).to_have_count(1)
+    await expect(probe.locator("#log li", has_text="socket: closed")).to_have_count(0)
     await pages.screenshot("probe", "events", docs="probe.png")
 
 

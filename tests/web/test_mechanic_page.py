@@ -345,6 +345,35 @@ async def test_a_request_that_came_while_the_page_was_closed_alerts_once_on_retu
     assert receipts(live.db_url, newcomer) == []
 
 
+async def test_the_dashboard_works_from_the_keyboard_on_a_phone(
+    pages: Pages, live: LiveWorld
+) -> None:
+    """On a phone-sized screen, with the keyboard alone: sign in (Enter), reach Accept with
+    Tab from the alert, take the request; the live region announced it."""
+    mo = await live.make("mo", "mechanic")
+    cara = await live.make("cara", "customer")
+    page = await pages.open("mechanic", "/mechanic", viewport=PHONE)
+    await page.get_by_label("Email", exact=True).press_sequentially(mo.email)
+    await page.keyboard.press("Tab")
+    await page.keyboard.type("password-123")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#connection")).to_have_text("Live", timeout=SLOW)
+    pair = await queued(live, cara)
+    assignment_id = pair["assignment"]["id"]
+    await expect(toast(page, assignment_id)).to_be_visible(timeout=SLOW)
+    await expect(page.locator("#announcer")).to_contain_text("New request: Dana")
+    await pages.screenshot("mechanic", "phone", docs="mechanic-phone.png")
+    await toast(page, assignment_id).get_by_role("button", name="View").focus()
+    await page.keyboard.press("Enter")  # View: focus moves to the card's Accept button
+    accept = card(page, assignment_id).get_by_role("button", name="Accept")
+    await expect(accept).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#active-session")).to_be_visible(timeout=SLOW)
+    await expect(page.locator("#active-title")).to_be_focused()
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the page scrolls sideways on a phone ({width} px)"
+
+
 async def test_the_page_refreshes_its_token_and_stays_subscribed(
     browser: Any, db_url: str, tmp_path: Any, request: pytest.FixtureRequest
 ) -> None:

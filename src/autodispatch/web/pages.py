@@ -1,6 +1,6 @@
 """Routes that serve the pages, their static files and the service worker.
 
-The HTML, JS and CSS are package data (``web/pages``, ``web/static``), read from disk
+The HTML, JS and CSS are package data (``web/html``, ``web/static``), read from disk
 when asked for and cached by modification time, so nothing happens at import time.
 Every response carries an ETag and ``Cache-Control: no-cache``: browsers revalidate
 (a 304 costs one round trip) and never run a stale script after an upgrade.
@@ -82,7 +82,7 @@ def _serve(request: Request, path: Path, extra: dict[str, str] | None = None) ->
 
 
 def _page(request: Request, name: str) -> Response:
-    return _serve(request, _root() / "pages" / f"{name}.html", PAGE_HEADERS)
+    return _serve(request, _root() / "html" / f"{name}.html", PAGE_HEADERS)
 
 
 @router.api_route(methods=["GET", "HEAD"], path="/")

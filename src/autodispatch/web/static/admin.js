@@ -1,7 +1,7 @@
 // The admin page: feature flags toggled live, the queue with its ages and offers to a
 // chosen mechanic, mechanics online (presence), and alert delivery health.
 
-import { request, ApiError } from './api.js';
+import { request } from './api.js';
 import { h, $, show, setStatus, announcer, formatAge, describeRequest } from './dom.js';
 import { setupSession, openSocket } from './shell.js';
 import { QueueStore } from './queue-state.js';
@@ -95,18 +95,11 @@ async function start(auth) {
   // -- queue --------------------------------------------------------------------------
 
   async function loadQueue() {
-    let body;
-    try {
-      body = await request('/api/admin/queue', { auth });
-    } catch (error) {
-      if (!(error instanceof ApiError) || (error.status !== 404 && error.status !== 405)) throw error;
-      body = await request('/api/mechanic/queue', { auth }); // admins may read it too
-    }
-    const now = Date.now();
+    // Admins read the same queue as mechanics: row-level security shows them every
+    // queued and offered request. Ages are counted here from queued_at, so they tick.
+    const body = await request('/api/mechanic/queue', { auth });
     for (const item of body.items || []) {
-      // The server's age, on this clock: immune to a skewed clock here.
-      since.set(item.id, typeof item.age_seconds === 'number'
-        ? now - item.age_seconds * 1000 : Date.parse(item.queued_at || item.created_at));
+      since.set(item.id, Date.parse(item.queued_at || item.created_at));
     }
     store.applySnapshot(body.items || []);
     renderQueue();

@@ -22,7 +22,7 @@ import { QueueStore, AlertMemory, alertKey } from './queue-state.js';
 import { createAlerter, Badges, unlockAudio, askNotificationPermission, MASTER_FLAG, TIER_FLAGS } from './alerts.js';
 import { ReceiptOutbox } from './receipts.js';
 import { createChat } from './chat.js';
-import { registerServiceWorker, subscribeToPush } from './push.js';
+import { registerServiceWorker, subscribeToPush, unsubscribeFromPush } from './push.js';
 
 const BASE_TITLE = 'Mechanic dashboard · autodispatch';
 const POLL_AFTER_MS = pageOption('poll_after_ms', 10000);
@@ -39,6 +39,8 @@ setupSession({
   namespace: 'mechanic',
   roles: ['mechanic'],
   pageName: BASE_TITLE,
+  // This browser should not get pushes for someone who signed out of it.
+  beforeSignOut: (auth) => unsubscribeFromPush(auth),
   onSignedIn: (auth) => start(auth).catch((error) => {
     console.error(error);
     setStatus($('#queue-message'), `The dashboard failed to start: ${error.message}`, 'error');
@@ -85,34 +87,51 @@ async function start(auth) {
   // -- flags --------------------------------------------------------------------------
 
   let flagRetry = null;
+  let flagLoads = 0;
+  let flagEventsDuringLoad = [];
   async function loadFlags() {
     clearTimeout(flagRetry);
+    flagLoads += 1;
     try {
       const body = await request('/api/feature-flags', { auth });
       flags = Object.fromEntries(body.items.map((f) => [f.key, f.enabled]));
+      // Changes that arrived while this was loading go on top (the read may be older).
+      for (const data of flagEventsDuringLoad) applyFlagEvent(data);
       renderFlags();
       flushPendingAlerts();
+      if ($('#notification-status').textContent.startsWith('Could not load the alert settings')) {
+        setStatus($('#notification-status'), describePermission());
+      }
     } catch (error) {
       // Alerts wait for the flags (none is dropped, no flag is bypassed); the cards show.
       setStatus($('#notification-status'), `Could not load the alert settings (${error.message}); retrying.`, 'error');
       flagRetry = setTimeout(loadFlags, 3000);
+    } finally {
+      flagLoads -= 1;
+      if (flagLoads === 0) flagEventsDuringLoad = [];
     }
   }
 
   function renderFlags() {
     const list = $('#flag-list');
     list.replaceChildren(...Object.entries(FLAG_LABELS).map(([key, label]) => {
-      const on = flags && flags[key] === true;
-      return h('li', { dataset: { flag: key, enabled: String(on) } },
-        h('span', {}, label), ' ', h('strong', {}, on ? 'on' : 'off'));
+      const on = flags !== null && flags[key] === true;
+      const state = flags === null ? 'loading…' : (on ? 'on' : 'off');
+      return h('li', { dataset: { flag: key, enabled: flags === null ? 'unknown' : String(on) } },
+        h('span', {}, label), ' ', h('strong', {}, state));
     }));
   }
 
-  function onFlagEvent(data) {
+  function applyFlagEvent(data) {
     const record = data.type === 'DELETE' ? data.old_record : data.record;
     if (!record || !record.key || !flags) return;
     if (data.type === 'DELETE') delete flags[record.key];
     else flags[record.key] = record.enabled === true;
+  }
+
+  function onFlagEvent(data) {
+    if (flagLoads > 0) flagEventsDuringLoad.push(data);
+    applyFlagEvent(data);
     renderFlags();
   }
 
@@ -145,7 +164,9 @@ async function start(auth) {
   /** After a snapshot: alert whatever is in the queue and not alerted yet. */
   function alertUnseen() {
     for (const assignment of store.list()) {
-      if (firstCatchUp) {
+      // On a first visit, what was already waiting is listed, not alerted; what an event
+      // brought while the page was loading is new and alerts.
+      if (firstCatchUp && !enterEvents.has(assignment.id)) {
         memory.claim([alertKey(assignment), `request:${assignment.id}`]);
       } else {
         maybeAlert(assignment, enterEvents.get(assignment.id) || null);
@@ -166,16 +187,17 @@ async function start(auth) {
 
   function applyAssignmentEvent(data, live) {
     const { kind, assignment } = store.applyEvent(data);
+    if (kind === 'removed') enterEvents.delete(assignment.id);
     if (kind === 'added' || kind === 'updated') {
       const before = enterEvents.get(assignment.id);
       if (kind === 'added' || !before || assignment.status === 'offered') {
         enterEvents.set(assignment.id, { event_id: data.event_id, commit_timestamp: data.commit_timestamp });
       }
-      if (live) maybeAlert(assignment, data);
     }
-    if (kind === 'removed') enterEvents.delete(assignment.id);
-    // An accepted assignment of ours: the session events bring the active panel.
+    // The card first, then the alert (which highlights it and whose View focuses it).
+    // An assignment we accepted leaves the queue; the session events bring the panel.
     renderQueue();
+    if (live && (kind === 'added' || kind === 'updated')) maybeAlert(assignment, data);
   }
 
   async function catchUp() {

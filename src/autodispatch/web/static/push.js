@@ -44,3 +44,19 @@ export async function subscribeToPush(auth) {
     return { ok: false, reason: error && error.message ? error.message : String(error) };
   }
 }
+
+/** Forget this browser's push subscription (on sign-out). Never throws. */
+export async function unsubscribeFromPush(auth) {
+  try {
+    if (!('serviceWorker' in navigator)) return;
+    const registration = await navigator.serviceWorker.getRegistration(WORKER_SCOPE);
+    const subscription = registration && (await registration.pushManager.getSubscription());
+    if (!subscription) return;
+    await request('/api/push/subscriptions', {
+      method: 'DELETE', auth, body: { endpoint: subscription.endpoint }, timeoutMs: 3000,
+    }).catch(() => {});
+    await subscription.unsubscribe();
+  } catch {
+    // signing out must not fail because of push
+  }
+}

@@ -19,7 +19,7 @@ export function pageOption(name, fallback) {
  * `roles`: the account types this page is for. Calls onSignedIn(auth) once signed in
  * (at once when a stored session exists).
  */
-export function setupSession({ namespace, roles, pageName, onSignedIn }) {
+export function setupSession({ namespace, roles, pageName, onSignedIn, beforeSignOut = null }) {
   const auth = new Auth(namespace);
   const form = $('#signin');
   const status = $('#signin-status');
@@ -69,7 +69,14 @@ export function setupSession({ namespace, roles, pageName, onSignedIn }) {
     }
   });
 
-  $('#signout').addEventListener('click', async () => {
+  $('#signout').addEventListener('click', async (event) => {
+    event.currentTarget.disabled = true;
+    if (beforeSignOut) {
+      await Promise.race([
+        Promise.resolve().then(() => beforeSignOut(auth)).catch(() => {}),
+        new Promise((resolve) => setTimeout(resolve, 4000)),
+      ]);
+    }
     await auth.signOut();
     window.location.reload();
   });
