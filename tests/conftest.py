@@ -324,3 +324,29 @@ async def live(db_url: str, tmp_path: Path) -> AsyncIterator[LiveWorld]:
         yield LiveWorld(server, db_url, {})
     finally:
         server.stop()
+
+
+# The browser tests' fixtures (tests/web): here, because a second conftest.py would
+# shadow this module, which the test folders import from. Chromium is launched once per
+# test module; `pages` opens browser contexts and fails the test on any uncaught error
+# in a page.
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    from web_browser import launch
+
+    async with launch() as chromium:
+        yield chromium
+
+
+@pytest.fixture
+async def pages(
+    browser: Any, live: LiveWorld, request: pytest.FixtureRequest
+) -> AsyncIterator[Any]:
+    from web_browser import Pages
+
+    opened = Pages(browser, live, request.node.name)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+    assert not opened.errors, f"uncaught errors in the pages: {opened.errors}"

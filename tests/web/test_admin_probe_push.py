@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from web_browser import SLOW, Pages, launch, receipts, set_flag, wait_for
+from web_browser import SLOW, Pages, receipts, set_flag, wait_for
 
 from conftest import LiveWorld
 
@@ -34,24 +33,6 @@ NOTIFICATION_TAGS = (
     "navigator.serviceWorker.getRegistration('/mechanic')"
     ".then(r => r.getNotifications()).then(list => list.map(n => n.tag))"
 )
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    async with launch() as chromium:
-        yield chromium
-
-
-@pytest.fixture
-async def pages(
-    browser: Any, live: LiveWorld, request: pytest.FixtureRequest
-) -> AsyncIterator[Pages]:
-    opened = Pages(browser, live, request.node.name)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-    assert not opened.errors, f"uncaught errors in the pages: {opened.errors}"
 
 
 async def test_the_admin_toggles_flags_live_sees_the_queue_and_who_is_online_and_offers(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from web_browser import SLOW, Pages, launch
+from web_browser import SLOW, Pages
 
 from conftest import LiveWorld
 
@@ -18,24 +17,6 @@ pytest.importorskip(
 from playwright.async_api import expect  # noqa: E402
 
 PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    async with launch() as chromium:
-        yield chromium
-
-
-@pytest.fixture
-async def pages(
-    browser: Any, live: LiveWorld, request: pytest.FixtureRequest
-) -> AsyncIterator[Pages]:
-    opened = Pages(browser, live, request.node.name)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-    assert not opened.errors, f"uncaught errors in the pages: {opened.errors}"
 
 
 async def describe_car(page: Any, *, paid: bool = False) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from web_browser import SLOW, Pages, launch, receipts, set_flag, wait_for
+from web_browser import SLOW, Pages, receipts, set_flag, wait_for
 
 from conftest import Account, LiveServer, LiveWorld
 
@@ -27,24 +26,6 @@ Notification.requestPermission = async () => 'denied';
 window.AudioContext = function () { throw new Error('audio device exploded'); };
 window.webkitAudioContext = undefined;
 """
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    async with launch() as chromium:
-        yield chromium
-
-
-@pytest.fixture
-async def pages(
-    browser: Any, live: LiveWorld, request: pytest.FixtureRequest
-) -> AsyncIterator[Pages]:
-    opened = Pages(browser, live, request.node.name)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-    assert not opened.errors, f"uncaught errors in the pages: {opened.errors}"
 
 
 async def queued(live: LiveWorld, customer: Account) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from web_browser import launch
 
 from conftest import LiveWorld
 
@@ -14,12 +13,6 @@ pytestmark = pytest.mark.slow
 pytest.importorskip(
     "playwright.async_api", reason="Playwright is not installed: the browser tests are skipped"
 )
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    async with launch() as chromium:
-        yield chromium
 
 
 @pytest.fixture
