@@ -275,7 +275,7 @@ async def test_stale_session_keys_are_recomputed(db_url: str, tmp_path: Path) ->
 
 async def test_events_that_never_got_an_id_are_delivered_or_dropped(db_url: str) -> None:
     """Events committed with the commit trigger bypassed never reach anyone: a finding.
-    Repair gives each row's latest one the next id and drops the superseded ones."""
+    Repair leaves one per row, its latest, delivered with the next id, and drops the rest."""
     insert = (
         "insert into realtime.events (schema_name, table_name, type, row_id, record)"
         " values ('public', 'feature_flags', 'UPDATE', %s, '{}'::jsonb)"
@@ -304,6 +304,7 @@ async def test_gateways_that_died_or_lag_are_named(db_url: str) -> None:
     the log lags (for a person to look at: repair leaves it)."""
     sql(db_url, "update feature_flags set enabled = false where key = 'mech_audio_alerts'")
     sql(db_url, "update realtime.events set at = now() - interval '5 minutes'")
+    sql(db_url, "update realtime.push_cursor set last_id = (select last_id from realtime.stream)")
     dead, slow = uuid.uuid4(), uuid.uuid4()
     sql(
         db_url,
@@ -326,6 +327,38 @@ async def test_gateways_that_died_or_lag_are_named(db_url: str) -> None:
     await run_repair(db_url)
     assert sql(db_url, "select id from realtime.gateways") == [(slow,)]
     assert (await audit(db_url)).codes() == {"gateway_lagging"}
+
+
+async def test_the_push_cursor_is_checked_and_its_lag_reported(db_url: str) -> None:
+    """The Web Push cursor's lag is a fact; far behind while a gateway is live, it is a
+    warning (with no server running nothing sends, so it is not); ahead of the log or
+    gone, it is an error."""
+    sql(db_url, "update feature_flags set enabled = false where key = 'mech_audio_alerts'")
+    sql(db_url, "update feature_flags set enabled = true where key = 'mech_audio_alerts'")
+    sql(db_url, "update realtime.events set at = now() - interval '5 minutes'")
+    report = await audit(db_url)
+    assert report.ok, [f.as_json() for f in report.findings]  # nothing runs: nothing sends
+    cursor = report.facts["push_cursor"]
+    assert (cursor["behind"], cursor["stream_last_id"]) == (2, cursor["push_position"] + 2)
+    assert cursor["lag_seconds"] >= 299
+
+    sql(
+        db_url,
+        "insert into realtime.gateways (id, host, pid, version, heartbeat_seconds, position)"
+        " values (%s, 'here', 1, '0.1.0', 5, (select last_id from realtime.stream))",
+        (uuid.uuid4(),),
+    )
+    behind = finding(await audit(db_url), "push_cursor_behind")
+    assert behind.severity == "warning" and behind.rows[0]["behind"] == 2
+    assert "push_run_failed" in behind.fix
+    sql(db_url, "update realtime.push_cursor set last_id = (select last_id from realtime.stream)")
+    assert (await audit(db_url)).ok
+
+    sql(db_url, "update realtime.push_cursor set last_id = last_id + 5")
+    assert (await audit(db_url)).codes() == {"push_cursor_ahead"}
+    sql(db_url, "delete from realtime.push_cursor")
+    missing = finding(await audit(db_url), "push_cursor_missing")
+    assert "insert into realtime.push_cursor" in missing.fix
 
 
 async def test_schema_damage_is_named_with_its_fix(db_url: str) -> None:
@@ -517,7 +550,7 @@ async def test_more_schema_damage_is_named(db_url: str) -> None:
         "migrations_ahead",
         "trigger_runs_other_function",
         "trigger_not_deferred",
-        "policy_not_key_based",
+        "policy_differs",
         "stream_behind_events",
     }
     assert finding(report, "trigger_runs_other_function").rows == [
@@ -528,11 +561,78 @@ async def test_more_schema_damage_is_named(db_url: str) -> None:
             "expected": "public.audit_transition",
         }
     ]
-    assert finding(report, "policy_not_key_based").rows[0]["policy"] == "sessions_visible"
+    differs = finding(report, "policy_differs").rows
+    assert [(r["policy"], r["problems"]) for r in differs] == [("sessions_visible", ["expression"])]
     assert finding(report, "stream_behind_events").area == "realtime"
 
     sql(db_url, "delete from realtime.stream")
     assert "stream_row_missing" in (await audit(db_url)).codes()
+
+
+async def test_every_table_the_api_reads_needs_exactly_its_visibility_policy(
+    db_url: str,
+) -> None:
+    """Each public table the API's roles can read, known or new, needs row-level security
+    and its one <table>_visible policy; ours must be exactly the migration's (an `or true`
+    tacked on is caught), a new table's must compare one visibility function with the
+    caller's keys, and any other policy on it is unexpected."""
+    sql(
+        db_url,
+        """
+        create table public.notes (id uuid primary key, owner uuid);
+        alter table public.notes enable row level security;
+        create policy "members read notes" on public.notes for select to authenticated
+          using (auth.uid() is not null);
+        create table public.memos (id uuid primary key, owner uuid);
+        create function public.memo_visibility_keys(m public.memos) returns text[]
+          language sql immutable as $$ select array['user:' || m.owner] $$;
+        alter table public.memos enable row level security;
+        create policy memos_visible on public.memos for select to anon, authenticated
+          using (public.memo_visibility_keys(memos) && (select auth.principal_keys()));
+        create table public.drafts (id uuid primary key);
+        alter table public.drafts enable row level security;
+        create policy drafts_visible on public.drafts for select to anon, authenticated
+          using (auth.uid() is not null);
+        create table public.scratch (id uuid primary key);
+        grant select on public.notes, public.memos, public.drafts, public.scratch
+          to authenticated;
+        create table public.internal (id uuid primary key);
+        alter table public.internal enable row level security;
+        create policy internal_anything on public.internal for select to current_user using (true);
+        drop policy payments_visible on payments;
+        create policy payments_visible on payments for select to anon, authenticated
+          using (public.owner_visibility_keys(customer_id) && (select auth.principal_keys())
+                 or true);
+        drop policy waivers_visible on waivers;
+        create policy waivers_visible on waivers as restrictive for select to anon
+          using (public.owner_visibility_keys(customer_id) && (select auth.principal_keys()));
+        """,
+    )
+    report = await audit(db_url)
+    assert report.codes() == {
+        "rls_disabled",
+        "policy_unexpected",
+        "policy_missing",
+        "policy_differs",
+        "policy_not_key_based",
+    }
+
+    def rows(code: str) -> list[tuple[Any, ...]]:
+        return [
+            (r["table"], r.get("policy"), r.get("problems")) for r in finding(report, code).rows
+        ]
+
+    assert rows("rls_disabled") == [("scratch", None, None)]
+    assert rows("policy_unexpected") == [("notes", "members read notes", None)]
+    assert rows("policy_missing") == [
+        ("notes", "notes_visible", None),
+        ("scratch", "scratch_visible", None),
+    ]
+    assert rows("policy_differs") == [
+        ("payments", "payments_visible", ["expression"]),
+        ("waivers", "waivers_visible", ["roles anon", "restrictive"]),
+    ]
+    assert rows("policy_not_key_based") == [("drafts", "drafts_visible", None)]
 
 
 async def test_a_table_without_a_status_column_is_named(first_version_db: str) -> None:

@@ -211,3 +211,80 @@ async def test_each_server_records_its_heartbeat_and_forgets_it_on_a_clean_stop(
     sql(url, "delete from realtime.gateways")
     await heartbeat.beat()
     assert sql(url, "select id from realtime.gateways") == [(heartbeat.id,)]
+
+
+async def test_a_heartbeat_that_fails_unexpectedly_keeps_beating_and_stops_cleanly(
+    world: World, log_lines: io.StringIO
+) -> None:
+    """Any error in a beat (not only a database one) is logged and counted, and the next
+    beat runs; stop() never raises into the shutdown, and still forgets the row."""
+    from prometheus_client import CollectorRegistry
+
+    from autodispatch.ops.gateways import GatewayHeartbeat, HealthMetrics
+
+    url = world.app.state.services.db.url
+    calls = 0
+
+    def position() -> int:
+        nonlocal calls
+        calls += 1
+        if calls in (2, 3) or calls > 8:  # 1: registration; then two bad beats, later all
+            raise ValueError("position unavailable")
+        return 0
+
+    registry = CollectorRegistry()
+    metrics = HealthMetrics(registry)
+
+    def sample(name: str) -> float:
+        return registry.get_sample_value(name) or 0.0
+
+    heartbeat = GatewayHeartbeat(
+        world.app.state.services.db,
+        metrics,
+        position=position,
+        subscribers=lambda: 0,
+        request_ttl_seconds=3600,
+        interval=0.05,
+    )
+    await heartbeat.start()
+    for _ in range(200):
+        if sample("autodispatch_gateways_live") > 0:  # a beat after the failures went through
+            break
+        await asyncio.sleep(0.02)
+    assert sample("autodispatch_gateways_live") == 2  # this one and the app's own
+    assert sample("autodispatch_heartbeat_failures_total") >= 2
+    assert heartbeat._task is not None and not heartbeat._task.done()
+    assert sql(url, "select count(*) from realtime.gateways where id = %s", (heartbeat.id,)) == [
+        (1,)
+    ]
+    while calls <= 10:  # failing at every beat from here on
+        await asyncio.sleep(0.02)
+    await heartbeat.stop()  # raised ValueError before the fix
+    assert sql(url, "select count(*) from realtime.gateways where id = %s", (heartbeat.id,)) == [
+        (0,)
+    ]
+    failed = [line for line in lines(log_lines) if line["event"] == "gateway_heartbeat_failed"]
+    assert failed and "position unavailable" in json.dumps(failed[0])
+
+
+async def test_the_live_gateways_gauge_and_the_audit_agree(world: World) -> None:
+    """One rule for a live gateway: within 3 beats and never less than 30 s. A gateway
+    beating every 5 s, last seen 20 s ago, is live for the gauge and the audit; one seen
+    40 s ago is stopped for both."""
+    from ops_helpers import audit
+
+    url = world.app.state.services.db.url
+    sql(
+        url,
+        "insert into realtime.gateways (id, host, pid, version, heartbeat_seconds, seen_at)"
+        " values (gen_random_uuid(), 'a', 1, '0.1.0', 5, now() - interval '20 seconds'),"
+        " (gen_random_uuid(), 'b', 2, '0.1.0', 5, now() - interval '40 seconds')",
+    )
+    await world.app.state.heartbeat.beat()
+    text = (await world.client.get("/metrics")).text
+    gateways = (await audit(url)).facts["gateways"]
+    assert sorted((g["host"], g["live"]) for g in gateways if g["host"] in ("a", "b")) == [
+        ("a", True),
+        ("b", False),
+    ]
+    assert metric(text, "autodispatch_gateways_live") == sum(g["live"] for g in gateways) == 2

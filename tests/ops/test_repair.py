@@ -20,6 +20,7 @@ from ops_helpers import (
 )
 
 from autodispatch.ops.repair import RepairRefused
+from autodispatch.realtime.events import Event, Variant
 
 
 async def completed_behind_our_back(db_url: str, tmp_path: Path, n: int) -> list[str]:
@@ -146,11 +147,97 @@ async def test_the_bypass_is_confined_to_the_repair_transaction(
     assert statuses(db_url) == before
 
 
-async def test_repair_waits_for_a_writer_instead_of_deadlocking_it(
-    db_url: str, tmp_path: Path
+async def blocked_or_done(db_url: str, writer: psycopg.AsyncConnection[Any], task: Any) -> bool:
+    """Wait until ``task`` (a statement on ``writer``) finished or waits for a lock; True
+    when it waits."""
+    pid = writer.info.backend_pid
+    for _ in range(250):
+        if task.done():
+            return False
+        waiting = sql(
+            db_url, "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s", (pid,)
+        )
+        if waiting and waiting[0][0]:
+            return True
+        await asyncio.sleep(0.02)
+    raise AssertionError("the writer neither finished nor waited for a lock")
+
+
+def pause_when_locking(monkeypatch: pytest.MonkeyPatch, session_id: str) -> tuple[Any, Any]:
+    """Make the repair stop just before it locks ``session_id``'s row: (reached, resume)."""
+    from autodispatch.ops.repair_work import Repairer
+
+    reached, resume = asyncio.Event(), asyncio.Event()
+    rows = Repairer.rows
+
+    async def rows_pausing(self: Repairer, name: str, params: Any = None) -> Any:
+        if (
+            name == "repair_lock_session"
+            and str((params or {}).get("session_id")) == session_id
+            and not reached.is_set()
+        ):
+            reached.set()
+            await resume.wait()
+        return await rows(self, name, params)
+
+    monkeypatch.setattr(Repairer, "rows", rows_pausing)
+    return reached, resume
+
+
+async def test_a_writer_holding_a_broken_session_is_never_deadlocked(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A writer holding locks on both tables delays the repair (which retries without
-    holding anything); the writer commits normally, then the repair completes."""
+    """A writer holds a broken session's row (select ... for update, as every api.*
+    writer starts) and then updates its assignment just as the repair reaches that
+    session: the writer commits (no deadlock, not held up), and the repair leaves the row
+    alone or fixes it after; a second run fixes it."""
+    (sid,) = await completed_behind_our_back(db_url, tmp_path, 1)
+    aid = sql(db_url, "select id from session_assignments where session_id = %s", (sid,))[0][0]
+    reached, resume = pause_when_locking(monkeypatch, sid)
+    writer = await psycopg.AsyncConnection.connect(db_url)
+    try:
+        await writer.execute("select 1 from sessions where id = %s for update", (sid,))
+        repairing = asyncio.create_task(run_repair(db_url))
+        await asyncio.wait_for(reached.wait(), timeout=10)
+        update = asyncio.create_task(
+            writer.execute(
+                "update session_assignments set request_summary = request_summary"
+                ' || \'{"note": "writer"}\' where id = %s',
+                (aid,),
+            )
+        )
+        if await blocked_or_done(db_url, writer, update):
+            # The writer waits for something the repair holds. Let the repair go on once
+            # the writer has waited longer than the repair's lock_timeout would allow,
+            # but not yet deadlock_timeout (1 s): if the repair now waits for the
+            # writer's row, PostgreSQL finds the cycle from the writer's side and aborts
+            # the writer.
+            await asyncio.sleep(0.7)
+        resume.set()
+        await asyncio.wait_for(update, timeout=10)  # DeadlockDetected here before the fix
+        await writer.commit()
+        report = await asyncio.wait_for(repairing, timeout=30)
+    finally:
+        resume.set()
+        await writer.close()
+    pairs = next(k for k in report.kinds if k.code == "inconsistent_pair")
+    assert (pairs.found, pairs.fixed + len(pairs.skipped)) == (1, 1)
+    assert report.remaining == len(pairs.skipped)
+    if pairs.skipped:
+        assert pairs.skipped == [f"session {sid}: busy (a writer holds it; run the repair again)"]
+        assert (await run_repair(db_url)).remaining == 0
+    assert repair_audit_rows(db_url, sid) == [("assignment", "accepted", "completed")]
+    summary = sql(
+        db_url, "select request_summary->>'note' from session_assignments where id = %s", (aid,)
+    )
+    assert summary == [("writer",)]  # the writer's change stands
+    assert (await audit(db_url)).ok
+
+
+async def test_the_repair_retries_while_a_writer_has_written(db_url: str, tmp_path: Path) -> None:
+    """A writer that has written to session_assignments (and not committed) keeps the
+    repair from lifting the guard; the repair retries without holding anything and
+    finishes once the writer commits, which it does normally."""
     ids = await completed_behind_our_back(db_url, tmp_path, 1)
     async with running_world(db_url, tmp_path) as world:
         other = await world.queued()
@@ -169,12 +256,47 @@ async def test_repair_waits_for_a_writer_instead_of_deadlocking_it(
             await writer.execute(
                 "update sessions set updated_at = now() where id = %s", (other["session"]["id"],)
             )
-            await writer.commit()  # the writer was never blocked into a deadlock
+            await writer.commit()
             report = await asyncio.wait_for(repairing, timeout=30)
         finally:
             await writer.close()
     assert report.remaining == 0
     assert repair_audit_rows(db_url, ids[0]) == [("assignment", "accepted", "completed")]
+
+
+async def test_a_batch_tried_again_counts_each_row_once(db_url: str, tmp_path: Path) -> None:
+    """Attempts that rolled back leave nothing in the report: with one row busy and the
+    batch retried while another writer is mid-transaction, the repair reports one fix,
+    the busy row left alone once, and nothing negative."""
+    low, high = sorted(await completed_behind_our_back(db_url, tmp_path, 2))
+    async with running_world(db_url, tmp_path) as world:
+        other = await world.queued()
+    holder = await psycopg.AsyncConnection.connect(db_url)  # holds the second broken session
+    busy = await psycopg.AsyncConnection.connect(db_url)  # has written, not committed
+    try:
+        await holder.execute("select 1 from sessions where id = %s for update", (high,))
+        await busy.execute(
+            "update session_assignments set request_summary = request_summary where id = %s",
+            (other["assignment"]["id"],),
+        )
+        repairing = asyncio.create_task(run_repair(db_url))
+        await asyncio.sleep(1.0)  # attempts fail and roll back meanwhile
+        await busy.commit()
+        await asyncio.sleep(1.5)
+        await holder.commit()
+        report = await asyncio.wait_for(repairing, timeout=30)
+    finally:
+        await holder.close()
+        await busy.close()
+    pairs = next(k for k in report.kinds if k.code == "inconsistent_pair")
+    assert (pairs.found, pairs.fixed) == (2, 1), pairs.as_json()
+    assert pairs.skipped == [f"session {high}: busy (a writer holds it; run the repair again)"]
+    assert report.remaining == 1 and report.as_json()["remaining"] == 1
+    assert len(pairs.changes) == 1 and pairs.changes[0].startswith(f"session {low} ")
+    assert repair_audit_rows(db_url, low) == [("assignment", "accepted", "completed")]
+    again = await run_repair(db_url)
+    assert (again.found, again.remaining) == (1, 0)
+    assert (await audit(db_url)).ok
 
 
 async def test_every_kind_together_on_a_busy_database(db_url: str, tmp_path: Path) -> None:
@@ -204,3 +326,76 @@ async def test_every_kind_together_on_a_busy_database(db_url: str, tmp_path: Pat
         after = await audit(db_url)
         assert after.ok, [f.as_json() for f in after.findings]
         assert made["queued"]["assignment"]["id"] not in await world.queue_ids(world.mechanic)
+
+
+def without_event_ids(db_url: str, *statements: str) -> None:
+    """Run statements as a careless script would: triggers on, except the one that gives
+    events their id at commit (so the events are written but never delivered)."""
+    sql(db_url, "alter table realtime.events disable trigger events_assign_id")
+    try:
+        for statement in statements:
+            sql(db_url, statement)
+    finally:
+        sql(db_url, "alter table realtime.events enable trigger events_assign_id")
+
+
+def last_event(db_url: str, row_id: str) -> Event:
+    rows = sql(
+        db_url,
+        "select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys,"
+        " old_keys from realtime.events where row_id = %s and id is not null"
+        " order by id desc limit 1",
+        (row_id,),
+    )
+    names = ("id", "at", "schema_name", "table_name", "type", "row_id", "record")
+    names += ("old_record", "new_keys", "old_keys")
+    return Event.from_row(dict(zip(names, rows[0], strict=True)))
+
+
+def keys_of(db_url: str, user_id: Any) -> frozenset[str]:
+    return frozenset(sql(db_url, "select auth.principal_keys_for(%s)", (user_id,))[0][0])
+
+
+async def test_events_without_an_id_reach_everyone_who_saw_the_row(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A request accepted by a script that bypassed the event ids never left the other
+    mechanics' queues. Whether a later event of the row was delivered since (first
+    request) or not (second), the repair delivers one event for the row's current state
+    whose old keys include the pool's: other mechanics get its removal (as the queued
+    row they saw, so a status=eq.queued filter matches), the mechanic who took it the row."""
+    async with running_world(db_url, tmp_path) as world:
+        first, second = await world.queued(), await world.queued()
+        mechanic, other = world.mechanic, world.other_mechanic
+    accept = (
+        "update session_assignments set status = 'accepted', mechanic_id = '{m}' where id = '{a}'"
+    )
+    touch = "update session_assignments set request_summary = request_summary || '{{\"n\": {n}}}'"
+    a1, a2 = first["assignment"]["id"], second["assignment"]["id"]
+    without_event_ids(
+        db_url,
+        accept.format(m=mechanic.mechanic_id, a=a1),
+        accept.format(m=mechanic.mechanic_id, a=a2),
+        touch.format(n=1) + f" where id = '{a2}'",
+    )
+    sql(db_url, touch.format(n=2) + f" where id = '{a1}'")  # delivered, but not to the pool
+    head = sql(db_url, "select last_id from realtime.stream")[0][0]
+    assert "event_without_id" in (await audit(db_url)).codes()
+
+    report = await run_repair(db_url)
+    events = next(k for k in report.kinds if k.code == "event_without_id")
+    assert events.found == events.fixed  # both sessions' and both assignments' events
+    pool, taker = keys_of(db_url, other.id), keys_of(db_url, mechanic.id)
+    for aid, summary in ((a1, 2), (a2, 1)):
+        event = last_event(db_url, aid)
+        assert event.id > head
+        assert event.record is not None and event.record["status"] == "accepted"
+        assert event.record["request_summary"]["n"] == summary  # the row as it is now
+        assert "pool:general" in event.old_keys
+        assert event.old_record is not None and event.old_record["status"] == "queued"
+        assert event.variant_for(pool, None, {}) is Variant.REMOVAL
+        assert event.variant_for(taker, None, {}) is Variant.CHANGE
+    ids = [r[0] for r in sql(db_url, "select id from realtime.events where id > %s", (head,))]
+    assert sorted(ids) == list(range(head + 1, head + 1 + len(ids)))  # no gap, no repeat
+    assert sql(db_url, "select last_id from realtime.stream") == [(head + len(ids),)]
+    assert (await audit(db_url)).ok

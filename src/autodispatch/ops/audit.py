@@ -10,7 +10,7 @@ Three areas of checks (``audit_schema`` and ``audit_data`` hold them):
   without an assignment, unknown statuses, offers past their expiry, requests past their
   time to live, stale session visibility keys;
 - **realtime**: the event log's head, events that never got an id, the gateways' heartbeats
-  (which run, which lag, which died) and their subscribers.
+  (which run, which lag, which died) and their subscribers, the Web Push cursor.
 
 Everything is read with catalog queries and plain SQL in one read-only snapshot, so it
 also runs on a database the first version wrote: a piece that is missing is a finding,
@@ -92,6 +92,7 @@ class AuditOptions:
     expected_revision: str | None = None  # the code's head; None: do not compare
     row_limit: int = ROW_LIMIT
     lag_threshold_seconds: float = 30.0  # a gateway further behind than this lags
+    push_lag_threshold_seconds: float = 60.0  # Web Push further behind than this lags
 
 
 class Catalog:
@@ -282,6 +283,13 @@ def render(report: AuditReport, console: Console) -> None:
                 f" {g['subscribers']} subscribers",
                 highlight=False,
             )
+    push = facts.get("push_cursor")
+    if push:
+        console.print(
+            f"Web Push: sent through event {push['push_position']}, {push['behind']} behind"
+            f" the log"
+            + (f" (oldest unsent {_age(push['lag_seconds'])})." if push["behind"] else ".")
+        )
     oldest = facts.get("oldest_undelivered_event")
     if oldest:
         console.print(

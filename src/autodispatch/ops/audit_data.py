@@ -13,10 +13,6 @@ if TYPE_CHECKING:
 
 DATA = "data"
 REALTIME = "realtime"
-# A gateway whose heartbeat is older than this many beats (and at least STOPPED_AFTER
-# seconds) has stopped without saying so.
-STOPPED_AFTER_BEATS = 3
-STOPPED_AFTER_SECONDS = 30.0
 
 PAIR_TABLES = {
     "public.sessions": ["id", "status"],
@@ -213,8 +209,9 @@ async def check_event_log(ctx: AuditContext) -> None:
             REALTIME,
             f"{_total(stuck)} committed events never got an id (written with the commit"
             " trigger bypassed): no subscriber will ever receive them.",
-            "`autodispatch repair --apply` gives each row's latest such event an id (late,"
-            " but delivered) and drops those a newer event of the same row supersedes.",
+            "`autodispatch repair --apply` delivers, late, one event per row: the row as of"
+            " its latest event, to everyone who could see a version those events changed"
+            " (the rest are dropped).",
             stuck,
             count=_total(stuck),
             repairable=True,
@@ -222,15 +219,19 @@ async def check_event_log(ctx: AuditContext) -> None:
 
 
 async def check_gateways(ctx: AuditContext) -> None:
-    if not ctx.needs("gateways", REALTIME, {"realtime.gateways": [], "realtime.events": []}):
+    needs: dict[str, list[str]] = {
+        "realtime.gateways": [],
+        "realtime.events": [],
+        # Live or stopped: one rule for the audit, the repair and the gauge (migration 0004).
+        "realtime.gateway_is_live()": [],
+    }
+    if not ctx.needs("gateways", REALTIME, needs):
         return
     head = ctx.report.facts.get("event_log", {}).get("last_id")
     gateways: list[dict[str, Any]] = []
     lagging, stopped = [], []
     for row in await ctx.rows("audit_gateways"):
         g = dict(row)
-        limit = max(STOPPED_AFTER_BEATS * float(g["heartbeat_seconds"]), STOPPED_AFTER_SECONDS)
-        g["live"] = g["silent_seconds"] <= limit
         g["behind"] = max((head or 0) - g["position"], 0)
         gateways.append(g)
         named = {
@@ -285,6 +286,54 @@ async def check_gateways(ctx: AuditContext) -> None:
         )
 
 
+async def check_push_cursor(ctx: AuditContext) -> None:
+    """The Web Push sender's cursor (migration 0003): present, and not far behind the log
+    while servers run (each server runs the sender; one at a time sends)."""
+    needs = {"realtime.push_cursor": ["id", "last_id"], "realtime.stream": ["last_id"]}
+    if not ctx.needs("push cursor", REALTIME, needs):
+        return
+    rows = await ctx.rows("audit_push_cursor")
+    if not rows:
+        ctx.found(
+            "push_cursor_missing",
+            REALTIME,
+            "realtime.push_cursor has no row (or realtime.stream has none): no server sends"
+            " Web Push, so mechanics whose page is closed are never told of a request.",
+            "`insert into realtime.push_cursor (id, last_id) select 1, last_id from"
+            " realtime.stream;` (pushes resume from the log's head).",
+        )
+        return
+    cursor = dict(rows[0])
+    ctx.report.facts["push_cursor"] = cursor
+    if cursor["push_position"] > cursor["stream_last_id"]:
+        ctx.found(
+            "push_cursor_ahead",
+            REALTIME,
+            f"realtime.push_cursor is at event {cursor['push_position']}, past the log's head"
+            f" ({cursor['stream_last_id']}): no push is sent until the log catches up (a"
+            " restored or copied database?).",
+            "`update realtime.push_cursor set last_id = (select last_id from realtime.stream)"
+            " where id = 1;`",
+            [cursor],
+        )
+        return
+    running = any(g["live"] for g in ctx.report.facts.get("gateways", []))
+    threshold = ctx.options.push_lag_threshold_seconds
+    if running and cursor["lag_seconds"] > threshold:
+        ctx.found(
+            "push_cursor_behind",
+            REALTIME,
+            f"Web Push is {cursor['behind']} events behind the log; the oldest not pushed"
+            f" committed {cursor['lag_seconds']:.0f} s ago (more than {threshold:.0f} s) while"
+            " servers run: mechanics whose page is closed hear of requests late, or not at all.",
+            "Look at the servers' logs for push_run_failed and at"
+            ' autodispatch_push_runs_total{outcome="error"}; a sender stuck holding the'
+            " cursor's lock is released by restarting it.",
+            [cursor],
+            severity="warning",
+        )
+
+
 DATA_CHECKS = [
     ("session/assignment pairs", DATA, check_pairs),
     ("unknown statuses", DATA, check_unknown_statuses),
@@ -296,4 +345,5 @@ DATA_CHECKS = [
 REALTIME_CHECKS = [
     ("event log", REALTIME, check_event_log),
     ("gateways", REALTIME, check_gateways),
+    ("push cursor", REALTIME, check_push_cursor),  # after gateways: it needs to know who runs
 ]

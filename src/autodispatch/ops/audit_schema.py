@@ -32,6 +32,7 @@ EXPECTED_TABLES: dict[str, str] = {
     "public.alert_receipts": "0003",
     "public.push_subscriptions": "0003",
     "public.probe_pings": "0003",
+    "realtime.push_cursor": "0003",
     "realtime.gateways": "0004",
 }
 
@@ -93,29 +94,62 @@ for _table in CAPTURED_TABLES:
         "writes every change to the event log (realtime delivery)",
     )
 
-# Each public table has one policy, "<table>_visible": SELECT for anon and authenticated,
-# rows whose visibility keys meet the caller's (auth.principal_keys()). These few are
-# readable by everyone by design (using (true)).
-POLICY_TABLES = {
-    "profiles",
-    "workshops",
-    "mechanics",
-    "intakes",
-    "sessions",
-    "session_assignments",
-    "waivers",
-    "payments",
-    "feature_flags",
-    "lifecycle_transitions",
-    "lifecycle_audit",
-    "session_messages",
-    "alert_receipts",
-    "push_subscriptions",
-    "probe_pings",
+# Each public table the API's roles can read has one policy, "<table>_visible": SELECT for
+# anon and authenticated, permissive, with exactly the expression its migration wrote (as
+# PostgreSQL prints it back, normalised by ``normalise_expression``): the visibility keys
+# of the row meet the caller's. A few tables are readable by everyone by design (true).
+_KEYED = "{} && (select auth.principal_keys())"
+EXPECTED_POLICIES: dict[str, str] = {
+    "profiles": _KEYED.format("owner_visibility_keys(id)"),
+    "workshops": "true",
+    "mechanics": _KEYED.format("mechanic_visibility_keys(mechanics.*)"),
+    "intakes": _KEYED.format("intake_visibility_keys(intakes.*)"),
+    "sessions": _KEYED.format("session_visibility_keys(sessions.*)"),
+    "session_assignments": _KEYED.format("assignment_visibility_keys(session_assignments.*)"),
+    "waivers": _KEYED.format("owner_visibility_keys(customer_id)"),
+    "payments": _KEYED.format("owner_visibility_keys(customer_id)"),
+    "feature_flags": "true",
+    "lifecycle_transitions": "true",
+    "lifecycle_audit": _KEYED.format("array['admin'::text]"),
+    "session_messages": _KEYED.format("message_visibility_keys(session_messages.*)"),
+    "alert_receipts": _KEYED.format("owner_visibility_keys(mechanic_user_id)"),
+    "push_subscriptions": _KEYED.format("owner_visibility_keys(user_id)"),
+    "probe_pings": _KEYED.format("probe_visibility_keys(probe_pings.*)"),
 }
-OPEN_TABLES = {"workshops", "feature_flags", "lifecycle_transitions"}
+POLICY_TABLES = set(EXPECTED_POLICIES)
+OPEN_TABLES = {t for t, using in EXPECTED_POLICIES.items() if using == "true"}
+# A table this code does not know yet passes when its policy has this shape: one
+# visibility function of the row against the caller's keys, nothing else.
+KEYED_SHAPE = re.compile(
+    r"[a-z_][a-z0-9_]*visibility_keys\((?:[a-z_][a-z0-9_]*(?:\.\*)?)?\)"
+    r" && \(select auth\.principal_keys\(\)\)"
+)
 API_ROLES = {"anon", "authenticated"}
 NO_RLS_NEEDED = {"alembic_version"}  # no API role may read it (no grant), no rows to hide
+
+
+def normalise_expression(expression: str | None) -> str:
+    """A policy expression as ``pg_get_expr`` prints it, in a form that compares across
+    PostgreSQL versions and search paths: lower case, single spaces, no ``public.``
+    qualifier, no column alias on a scalar subquery, no parentheses around the whole."""
+    text = " ".join((expression or "").lower().split())
+    text = re.sub(r"\bpublic\.", "", text)
+    text = re.sub(r"\bselect (.+?) as [a-z_][a-z0-9_]*\)", r"select \1)", text)
+    text = re.sub(r"\( ", "(", text)
+    text = re.sub(r" \)", ")", text)
+    while text.startswith("(") and text.endswith(")") and _balanced(text[1:-1]):
+        text = text[1:-1]
+    return text
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
 
 _MIGRATIONS = "src/autodispatch/db/migrations"
 
@@ -324,8 +358,8 @@ async def check_triggers(ctx: AuditContext) -> None:
 
 
 async def check_row_security(ctx: AuditContext) -> None:
-    tables = {r["table_name"]: r["enabled"] for r in await ctx.rows("audit_row_security")}
-    no_rls = [t for t, on in tables.items() if not on and t not in NO_RLS_NEEDED]
+    tables = {r["table_name"]: r for r in await ctx.rows("audit_row_security")}
+    no_rls = [t for t, r in tables.items() if not r["enabled"] and t not in NO_RLS_NEEDED]
     if no_rls:
         ctx.found(
             "rls_disabled",
@@ -338,28 +372,40 @@ async def check_row_security(ctx: AuditContext) -> None:
     policies: dict[str, list[dict[str, object]]] = {}
     for row in await ctx.rows("audit_policies"):
         policies.setdefault(row["table_name"], []).append(dict(row))
+    # Tables that need their one visibility policy: ours, and any other the API can read.
+    governed = {t for t, r in tables.items() if t in POLICY_TABLES or r["api_readable"]}
+    governed -= NO_RLS_NEEDED
 
-    writes, open_rows, unexpected, missing, not_keyed = [], [], [], [], []
+    writes, open_rows, unexpected, missing, differs, not_keyed = [], [], [], [], [], []
     for table, found in sorted(policies.items()):
         for p in found:
             roles = set(p["roles"])  # type: ignore[call-overload]
             reaches_api = bool(roles & (API_ROLES | {"public"}))
-            qual = (str(p["qual"] or "")).strip().lower()
+            using = normalise_expression(str(p["qual"] or ""))
             name = str(p["policy_name"])
             row = {"table": table, "policy": name, "command": p["cmd"], "roles": sorted(roles)}
             if reaches_api and p["cmd"] in ("INSERT", "UPDATE", "DELETE", "ALL"):
                 writes.append(row)
-            elif reaches_api and qual in ("true", "(true)") and table not in OPEN_TABLES:
+            elif reaches_api and using == "true" and table not in OPEN_TABLES:
                 open_rows.append(row)
-            elif table in POLICY_TABLES and name != f"{table}_visible":
+            elif table not in governed:
+                continue  # a table the API cannot read: its policies do not reach the API
+            elif name != f"{table}_visible":
                 unexpected.append(row)
-            elif (
-                name == f"{table}_visible"
-                and table not in OPEN_TABLES
-                and "principal_keys" not in qual
-            ):
+            elif table in EXPECTED_POLICIES:
+                problems = _policy_problems(p, roles, using, EXPECTED_POLICIES[table])
+                if problems:
+                    differs.append(
+                        {
+                            **row,
+                            "problems": problems,
+                            "using": p["qual"],
+                            "expected": EXPECTED_POLICIES[table],
+                        }
+                    )
+            elif not KEYED_SHAPE.fullmatch(using):
                 not_keyed.append({**row, "using": p["qual"]})
-    for table in sorted(POLICY_TABLES & set(tables)):
+    for table in sorted(governed):
         if not any(p["policy_name"] == f"{table}_visible" for p in policies.get(table, [])):
             missing.append({"table": table, "policy": f"{table}_visible"})
 
@@ -401,13 +447,27 @@ async def check_row_security(ctx: AuditContext) -> None:
             f" table ({_MIGRATIONS}).",
             missing,
         )
+    if differs:
+        ctx.found(
+            "policy_differs",
+            SCHEMA,
+            f"{len(differs)} visibility policies are not the ones the migrations made (each"
+            " row says how: its expression, its command, its roles, restrictive): whoever"
+            " they let read differs from what the realtime router delivers, which uses the"
+            " stored visibility keys.",
+            "Recreate each as in its migration: `drop policy <policy> on <table>;` then the"
+            f" `create policy` of {_MIGRATIONS} (the row's `expected` is its expression).",
+            differs,
+        )
     if not_keyed:
         ctx.found(
             "policy_not_key_based",
             SCHEMA,
-            f"{len(not_keyed)} visibility policies no longer compare visibility keys with"
-            " auth.principal_keys(), so RLS and the realtime router can disagree.",
-            f"Recreate each as in its migration ({_MIGRATIONS}).",
+            f"{len(not_keyed)} visibility policies of tables this code does not know do not"
+            " compare one visibility function of the row with auth.principal_keys() (and"
+            " nothing else), so RLS and the realtime router can disagree.",
+            "Make each `using (<table>_visibility_keys(<table>) && (select"
+            " auth.principal_keys()))`, and add the table to ops/audit_schema.py.",
             not_keyed,
         )
 
@@ -421,6 +481,23 @@ async def check_row_security(ctx: AuditContext) -> None:
             "`revoke insert, update, delete, truncate on <table> from <grantee>;`",
             grants,
         )
+
+
+def _policy_problems(
+    policy: dict[str, object], roles: set[str], using: str, expected: str
+) -> list[str]:
+    problems = []
+    if using != expected:
+        problems.append("expression")
+    if policy["cmd"] != "SELECT":
+        problems.append(f"command {policy['cmd']}")
+    if roles != API_ROLES:
+        problems.append(f"roles {', '.join(sorted(roles))}")
+    if policy["permissive"] != "PERMISSIVE":
+        problems.append("restrictive")
+    if policy["with_check"] is not None:
+        problems.append("with check")
+    return problems
 
 
 CHECKS = [

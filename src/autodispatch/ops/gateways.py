@@ -94,21 +94,37 @@ class GatewayHeartbeat:
         """Register this process (a failure is logged, and the beats retry)."""
         try:
             await self._register()
-        except (psycopg.Error, OSError) as exc:
+        except Exception as exc:
             self.metrics.heartbeat_failures.inc()
-            log.warning("gateway_register_failed", gateway=str(self.id), error=str(exc))
+            log.warning(
+                "gateway_register_failed",
+                gateway=str(self.id),
+                error=f"{type(exc).__name__}: {exc}",
+            )
         self._task = asyncio.create_task(self._beat_forever(), name="gateway-heartbeat")
 
     async def stop(self) -> None:
-        """Stop beating and remove this process's row: a clean stop is not a dead gateway."""
+        """Stop beating and remove this process's row: a clean stop is not a dead gateway.
+
+        Never raises: it runs during shutdown, and the teardown after it must run too."""
         self._stop.set()
         if self._task is not None:
-            await self._task
+            # The beat loop catches everything; return_exceptions covers a task that was
+            # cancelled or died anyway, without letting it escape into the shutdown.
+            (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
+            if isinstance(outcome, BaseException):
+                log.warning(
+                    "gateway_heartbeat_ended",
+                    gateway=str(self.id),
+                    error=f"{type(outcome).__name__}: {outcome}",
+                )
         try:
             async with self.db.as_service() as tx:
                 await tx.execute("gateway_forget", {"id": self.id})
-        except (psycopg.Error, OSError) as exc:
-            log.warning("gateway_forget_failed", gateway=str(self.id), error=str(exc))
+        except Exception as exc:
+            log.warning(
+                "gateway_forget_failed", gateway=str(self.id), error=f"{type(exc).__name__}: {exc}"
+            )
 
     async def beat(self) -> None:
         """Write one heartbeat and refresh the health gauges."""
@@ -156,5 +172,10 @@ class GatewayHeartbeat:
             except (psycopg.Error, OSError) as exc:
                 self.metrics.heartbeat_failures.inc()
                 log.warning("gateway_heartbeat_failed", gateway=str(self.id), error=str(exc))
+            except Exception:
+                # Anything else (a bug, a bad value from position()) must not end the
+                # loop: the gauges would freeze and the row would look like a dead gateway.
+                self.metrics.heartbeat_failures.inc()
+                log.exception("gateway_heartbeat_failed", gateway=str(self.id))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.interval)

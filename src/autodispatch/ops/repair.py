@@ -11,8 +11,11 @@ itself. Moves the lifecycle allows (an offer back to the queue, a request expiri
 through the guard like any other writer. Making a disagreeing pair agree often needs a
 move the guard refuses (``queued → completed``), and the sync triggers would fight it;
 for those the repair disables the guard and sync triggers *inside its own transaction*,
-with both tables locked against writers (docs/decisions.md, Repair). Capture and audit
-triggers stay on: subscribers hear of every repaired row, and the audit sees it.
+once it holds the rows it changes and both tables locked against writers
+(docs/decisions.md, Repair). Capture and audit triggers stay on: subscribers hear of
+every repaired row, and the audit sees it. A row a writer holds is left alone (run the
+repair again); the repair never makes a writer wait for more than one small batch, and
+never takes part in a deadlock.
 """
 
 from __future__ import annotations
@@ -135,13 +138,29 @@ KINDS: list[tuple[str, str, str, dict[str, list[str]]]] = [
         "event_without_id",
         "events that never got an id",
         "events_without_id",
-        {"realtime.events": ["seq", "id", "table_name", "row_id"], "realtime.stream": ["last_id"]},
+        {
+            "realtime.events": [
+                "seq",
+                "id",
+                "table_name",
+                "row_id",
+                "type",
+                "record",
+                "old_record",
+                "new_keys",
+                "old_keys",
+            ],
+            "realtime.stream": ["last_id"],
+        },
     ),
     (
         "gateway_stopped",
         "gateways that stopped without shutting down",
         "stopped_gateways",
-        {"realtime.gateways": ["id", "seen_at", "heartbeat_seconds"]},
+        {
+            "realtime.gateways": ["id", "seen_at", "heartbeat_seconds"],
+            "realtime.gateway_is_live()": [],
+        },
     ),
 ]
 

@@ -16,13 +16,16 @@ from psycopg.rows import DictRow, dict_row
 
 from autodispatch.db import queries
 from autodispatch.domain.lifecycle import ASSIGNMENT, CONSISTENT_PAIRS, SESSION
-from autodispatch.ops.audit_data import STOPPED_AFTER_BEATS, STOPPED_AFTER_SECONDS
 from autodispatch.ops.gateways import EXPIRY_GRACE_SECONDS
 from autodispatch.ops.reconcile import missing_assignment_pair, pair_kind, settle
 
-BATCH = 200
+# Bypass transactions keep writers of both tables waiting until they commit: keep them tiny.
+BATCH = 20
 SAMPLE = 10  # changes listed per kind
-# The bypass never waits for a lock while holding one: it gives up and tries again.
+# The repair never waits for a row a writer holds (SKIP LOCKED), nor for the table locks
+# of the bypass (NOWAIT); any other lock it waits for briefly, then the whole batch rolls
+# back and is tried again, up to LOCK_ATTEMPTS times.
+LOCK_TIMEOUT = "200ms"
 LOCK_ATTEMPTS = 60
 LOCK_RETRY_SECONDS = 0.25
 # Triggers the pair repairs turn off in their own transaction (everything else stays on).
@@ -37,10 +40,13 @@ AUDIT_TRIGGERS = (
     ("session_assignments", "session_assignments_audit"),
 )
 NIL = uuid.UUID(int=0)
-# The controlled bypass (docs/decisions.md, Repair): no writer may change either table while
-# a repair transaction has the guard and sync triggers off. NOWAIT: the repair never waits
-# holding one of them (it retries instead), so it cannot deadlock a writer. (Not a named
-# query: LOCK cannot be prepared, and tests/db/test_schema.py prepares every named query.)
+# The controlled bypass (docs/decisions.md, Repair). Taken only once the batch's rows are
+# locked (session first, then assignment, as every writer does, and without waiting), and
+# NOWAIT: the repair never waits for it. While the repair holds it, a writer's UPDATE of
+# either table waits for the repair's commit (a few milliseconds: every lock the repair
+# still needs is already its own), so no other transaction runs while the guard is off.
+# (Not a named query: LOCK cannot be prepared, and tests/db/test_schema.py prepares every
+# named query.)
 LOCK_TABLES = sql.SQL(
     "lock table public.sessions, public.session_assignments in share row exclusive mode nowait"
 )
@@ -69,6 +75,13 @@ class KindResult:
         if len(self.changes) < SAMPLE:
             self.changes.append(change)
 
+    def merge(self, tally: Tally) -> None:
+        """Add what a committed batch did."""
+        self.fixed += tally.fixed
+        for change in tally.changes:
+            self.note(change)
+        self.skipped += tally.skipped
+
     def as_json(self) -> dict[str, Any]:
         return {
             "code": self.code,
@@ -78,6 +91,23 @@ class KindResult:
             "changes": self.changes,
             "skipped": self.skipped,
         }
+
+
+@dataclass
+class Tally:
+    """What one attempt at a batch did. A batch that rolls back (and is tried again) did
+    nothing: its tally is dropped, and only the committed attempt's counts."""
+
+    fixed: int = 0
+    changes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def fixed_one(self, change: str) -> None:
+        self.fixed += 1
+        self.changes.append(change)
+
+    def skip(self, why: str) -> None:
+        self.skipped.append(why)
 
 
 @dataclass(frozen=True)
@@ -98,6 +128,7 @@ class Repairer:
         self.options = options
         self.progress = progress
         self.q = queries.load()
+        self._bypassed: list[tuple[str, str]] = []  # triggers this transaction turned off
 
     async def rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[DictRow]:
         async with self.conn.cursor(row_factory=dict_row) as cur:
@@ -120,66 +151,105 @@ class Repairer:
         first: Any,
         describe: Callable[[Row], str],
         fix: Callable[[Sequence[Row]], Awaitable[None]],
+        size: Callable[[Row], int] = lambda row: 1,
     ) -> None:
         """Page through the rows of ``query`` (keyset on ``key``); describe each (dry run)
-        or fix each page (``apply``)."""
-        after = first
-        started = False
-        while True:
-            limit = self.options.batch if self.options.apply or not started else SAMPLE
-            page = await self.rows(query, {**params, "after": after, "limit": limit})
-            if not started:
-                result.found = int(page[0]["total"]) if page else 0
-                started = True
-                if self.progress is not None and self.options.apply and result.found:
-                    self.progress.start(result.code, result.title, result.found)
-            if not page:
-                return
-            if not self.options.apply:
-                for row in page:
-                    result.note(describe(row))
-                return
+        or fix each page (``apply``). ``size``: how many found items a row stands for.
+
+        A dry run's ``found`` is the count of the first page's query. With ``apply`` that
+        count only sizes the progress bar: ``found`` becomes what the pages held, each of
+        which the fix either fixed or left alone (with the reason), so ``found - fixed``
+        is exactly what was left alone, even when the database changed meanwhile."""
+        page = await self.rows(query, {**params, "after": first, "limit": self.options.batch})
+        result.found = int(page[0]["total"]) if page else 0
+        if not self.options.apply:
+            for row in page:
+                result.note(describe(row))
+            return
+        if self.progress is not None and result.found:
+            self.progress.start(result.code, result.title, result.found)
+        visited = 0
+        while page:
             await fix(page)
+            done = sum(size(row) for row in page)
+            visited += done
             if self.progress is not None:
-                self.progress.advance(result.code, len(page))
+                self.progress.advance(result.code, done)
+            if len(page) < self.options.batch:
+                break
             after = page[-1][key]
-            if len(page) < limit:
-                return
+            page = await self.rows(query, {**params, "after": after, "limit": self.options.batch})
+        result.found = visited
 
-    async def transaction(self, body: Callable[[], Awaitable[None]], *, bypass: bool) -> None:
-        """Run ``body`` in one transaction whose transitions have the reason ``repair``.
+    async def transaction(
+        self, result: KindResult, body: Callable[[Tally], Awaitable[None]]
+    ) -> None:
+        """Run ``body`` in one transaction whose transitions have the reason ``repair``, and
+        add what it did to ``result`` once it committed.
 
-        ``bypass``: with the lifecycle guard and sync triggers off for this transaction
-        only, both tables locked against writers (see the module docstring). Lock waits
-        time out quickly and the whole transaction is retried, so a repair never holds a
-        lock while waiting for another (no deadlock with a writer)."""
+        The repair never holds a lock while it waits for a writer: rows are taken with SKIP
+        LOCKED (a busy row is left for the next run), the bypass's table locks with NOWAIT,
+        anything else waits at most LOCK_TIMEOUT. When a lock is not available the whole
+        attempt rolls back (its tally with it) and is tried again a little later."""
         for attempt in range(LOCK_ATTEMPTS):
+            tally = Tally()
             try:
                 async with self.conn.transaction():
-                    await self.conn.execute("set local lock_timeout = '500ms'")
+                    await self.conn.execute(f"set local lock_timeout = '{LOCK_TIMEOUT}'")
                     await self.conn.execute(self.q["repair_because"])
-                    if bypass:
-                        await self.conn.execute(LOCK_TABLES)
-                        off = await self.enabled_triggers(BYPASSED_TRIGGERS)
-                        await self._set_triggers(off, enable=False)
-                        await body()
-                        await self._set_triggers(off, enable=True)
-                    else:
-                        await body()
-                return
+                    self._bypassed = []
+                    await body(tally)
+                    await self._set_triggers(self._bypassed, enable=True)
             except psycopg.errors.LockNotAvailable:
                 if attempt == LOCK_ATTEMPTS - 1:
                     raise RepairRefused(
-                        "Writers kept sessions and session_assignments busy for"
+                        "Writers kept the rows or tables of this repair busy for"
                         f" {LOCK_ATTEMPTS * LOCK_RETRY_SECONDS:.0f} s; nothing of this batch"
                         " changed. Run the repair again (it resumes where it stopped)."
                     ) from None
                 await asyncio.sleep(LOCK_RETRY_SECONDS)
+                continue
             except psycopg.errors.InsufficientPrivilege as exc:
                 raise RepairRefused(
                     f"The repair needs to own the dispatch tables (it is run as the user that"
                     f" ran `autodispatch migrate`): {exc}"
                 ) from None
+            result.merge(tally)
+            return
+
+    async def lift_guard(self) -> None:
+        """Lock both tables against writers (NOWAIT) and turn the guard and sync triggers
+        off until the end of this transaction (``transaction`` turns them on again; a
+        rollback restores them with everything else). Call it only once every row the
+        batch changes is locked: from here on the repair must not wait for a writer."""
+        await self.conn.execute(LOCK_TABLES)
+        self._bypassed = await self.enabled_triggers(BYPASSED_TRIGGERS)
+        await self._set_triggers(self._bypassed, enable=False)
+
+    async def lock_pair(
+        self, tally: Tally, session_id: Any, *, assignment_expected: bool = True
+    ) -> tuple[Row, Row | None] | None:
+        """Lock a session, then its assignment (when it should have one), in the writers'
+        order but without waiting: None, with the reason in the tally, when either is busy
+        or not as expected."""
+        session = await self.rows("repair_lock_session", {"session_id": session_id})
+        assignment = []
+        if session and assignment_expected:
+            assignment = await self.rows("repair_lock_assignment", {"session_id": session_id})
+            if assignment:
+                return session[0], assignment[0]
+        exists = (await self.rows("repair_pair_exists", {"session_id": session_id}))[0]
+        if session and not assignment_expected and not exists["assignment"]:
+            return session[0], None
+        if not exists["session"]:
+            tally.skip(f"session {session_id}: deleted meanwhile")
+        elif not session or (assignment_expected and exists["assignment"]):
+            tally.skip(f"session {session_id}: busy (a writer holds it; run the repair again)")
+        elif assignment_expected:
+            tally.skip(f"session {session_id}: its assignment was deleted meanwhile")
+        else:
+            tally.skip(f"session {session_id}: has an assignment now")
+        return None
 
     async def enabled_triggers(self, wanted: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         present = {
@@ -211,34 +281,36 @@ class Repairer:
             return f"session {row['session_id']}: create its assignment as {a}{moved}"
 
         async def fix(page: Sequence[Row]) -> None:
-            async def body() -> None:
+            async def body(tally: Tally) -> None:
+                locked = []
                 for row in page:
-                    locked = await self.rows(
-                        "repair_lock_session", {"session_id": row["session_id"]}
-                    )
-                    if not locked or await self.rows(
-                        "repair_lock_assignment", {"session_id": row["session_id"]}
-                    ):
-                        result.skipped.append(f"session {row['session_id']}: changed meanwhile")
-                        continue
-                    s, a = target({**row, "session_status": locked[0]["status"]})
-                    await self.count(
+                    pair = await self.lock_pair(tally, row["session_id"], assignment_expected=False)
+                    if pair is not None:
+                        locked.append((row, pair[0]))
+                if not locked:
+                    return
+                await self.lift_guard()
+                for row, session in locked:
+                    now = {**row, "session_status": session["status"]}
+                    s, a = target(now)
+                    if not await self.count(
                         "repair_insert_assignment", {"session_id": row["session_id"], "status": a}
-                    )
-                    if s != locked[0]["status"]:
+                    ):
+                        tally.skip(f"session {row['session_id']}: has an assignment now")
+                        continue
+                    if s != session["status"]:
                         await self.count(
                             "repair_set_session",
                             {
                                 "session_id": row["session_id"],
                                 "status": s,
-                                "from_status": locked[0]["status"],
+                                "from_status": session["status"],
                                 "mechanic_id": None,
                             },
                         )
-                    result.fixed += 1
-                    result.note(describe(row))
+                    tally.fixed_one(describe(now))
 
-            await self.transaction(body, bypass=True)
+            await self.transaction(result, body)
 
         await self.run_kind(
             result, "repair_sessions_without_assignment", {}, "session_id", NIL, describe, fix
@@ -271,25 +343,32 @@ class Repairer:
             )
 
         async def fix(page: Sequence[Row]) -> None:
-            async def body() -> None:
+            async def body(tally: Tally) -> None:
+                locked = []
                 for row in page:
                     sid = row["session_id"]
-                    session = await self.rows("repair_lock_session", {"session_id": sid})
-                    assignment = await self.rows("repair_lock_assignment", {"session_id": sid})
-                    if not session or not assignment:
-                        result.skipped.append(f"session {sid}: deleted meanwhile")
+                    pair = await self.lock_pair(tally, sid)
+                    if pair is None:
                         continue
-                    s, a = session[0]["status"], assignment[0]["status"]
+                    session, assignment = pair
+                    assert assignment is not None
+                    s, a = session["status"], assignment["status"]
                     if (s, a) in CONSISTENT_PAIRS:
-                        result.skipped.append(f"session {sid}: already consistent ({s}/{a})")
+                        tally.skip(f"session {sid}: already consistent ({s}/{a})")
                         continue
-                    mechanic = assignment[0]["mechanic_id"] or session[0]["mechanic_id"]
+                    locked.append((sid, session, assignment))
+                if not locked:
+                    return
+                await self.lift_guard()
+                for sid, session, assignment in locked:
+                    s, a = session["status"], assignment["status"]
+                    mechanic = assignment["mechanic_id"] or session["mechanic_id"]
                     ts, ta = settle(s, a, mechanic is not None)
                     if ta != a:
                         await self.count(
                             "repair_set_assignment",
                             {
-                                "assignment_id": assignment[0]["id"],
+                                "assignment_id": assignment["id"],
                                 "status": ta,
                                 "from_status": a,
                                 "mechanic_id": mechanic,
@@ -305,10 +384,9 @@ class Repairer:
                                 "mechanic_id": mechanic,
                             },
                         )
-                    result.fixed += 1
-                    result.note(describe_move(sid, s, a, mechanic is not None))
+                    tally.fixed_one(describe_move(sid, s, a, mechanic is not None))
 
-            await self.transaction(body, bypass=True)
+            await self.transaction(result, body)
 
         await self.run_kind(
             result, "repair_inconsistent_pairs", params, "session_id", NIL, describe, fix
@@ -359,35 +437,32 @@ class Repairer:
     ) -> None:
         """An allowed move per row, through the guard, the session locked first."""
 
-        async def body() -> None:
+        async def body(tally: Tally) -> None:
             for row in page:
-                if not await self.rows(
-                    "repair_try_lock_session", {"session_id": row["session_id"]}
-                ):
-                    result.skipped.append(f"assignment {row['assignment_id']}: its session is busy")
+                if not await self.rows("repair_lock_session", {"session_id": row["session_id"]}):
+                    tally.skip(f"assignment {row['assignment_id']}: its session is busy or gone")
                     continue
                 if await self.count(statement, {**params, "assignment_id": row["assignment_id"]}):
-                    result.fixed += 1
-                    result.note(describe(row))
+                    tally.fixed_one(describe(row))
                 else:
-                    result.skipped.append(f"assignment {row['assignment_id']}: changed meanwhile")
+                    tally.skip(f"assignment {row['assignment_id']}: changed meanwhile")
 
-        await self.transaction(body, bypass=False)
+        await self.transaction(result, body)
 
     async def stale_session_keys(self, result: KindResult) -> None:
         def describe(row: Row) -> str:
             return f"session {row['session_id']}: recompute its visibility keys"
 
         async def fix(page: Sequence[Row]) -> None:
-            async def body() -> None:
+            async def body(tally: Tally) -> None:
                 for row in page:
                     sid = row["session_id"]
-                    if not await self.rows("repair_try_lock_session", {"session_id": sid}):
-                        result.skipped.append(f"session {sid}: busy")
+                    if not await self.rows("repair_lock_session", {"session_id": sid}):
+                        tally.skip(f"session {sid}: busy or gone")
                         continue
                     touched = await self.rows("repair_refresh_session_keys", {"session_id": sid})
                     if not touched:
-                        result.skipped.append(f"session {sid}: keys already right")
+                        tally.skip(f"session {sid}: keys already right")
                         continue
                     await self.count(
                         "repair_note",
@@ -398,63 +473,99 @@ class Repairer:
                             "status": touched[0]["status"],
                         },
                     )
-                    result.fixed += 1
-                    result.note(describe(row))
+                    tally.fixed_one(describe(row))
 
-            await self.transaction(body, bypass=False)
+            await self.transaction(result, body)
 
         await self.run_kind(
             result, "repair_stale_session_keys", {}, "session_id", NIL, describe, fix
         )
 
     async def events_without_id(self, result: KindResult) -> None:
+        """Per table row, its events without an id become one event, delivered late: the
+        row as of its latest event, with the old keys of all of them (docs/decisions.md,
+        Repair). Under the stream's lock, so it gets its id after every delivered event."""
+
         def describe(row: Row) -> str:
-            what = (
-                "drop it (a later event of the row supersedes it)"
-                if row["superseded"]
-                else ("give it the next id (delivered late)")
+            n = row["events"]
+            what = f"{row['table_name']} {row['row_id']}: {n} event{'s' if n > 1 else ''}"
+            if row["latest_seq"] == row["seqs"][-1]:
+                merged = f", with the old keys of the {n - 1} before it" if n > 1 else ""
+                return f"{what}: give the latest the next id (delivered late){merged}"
+            if not row["saw_before"]:
+                return f"{what}: drop (event {row['latest_id']} delivered the row since)"
+            return (
+                f"{what}: one event with the next id, the row as of event {row['latest_id']},"
+                " to everyone who saw a version they changed"
             )
-            return f"event seq {row['seq']} ({row['table_name']} {row['row_id']}): {what}"
 
         async def fix(page: Sequence[Row]) -> None:
-            async def body() -> None:
-                assigned = False
+            async def body(tally: Tally) -> None:
+                await self.rows("repair_lock_stream")
+                changed = {
+                    (r["table_name"], r["row_id"])
+                    for r in await self.rows(
+                        "repair_rows_changed_since",
+                        {
+                            "head": page[0]["head"],
+                            "tables": [r["table_name"] for r in page],
+                            "row_ids": [r["row_id"] for r in page],
+                        },
+                    )
+                }
+                delivered = False
                 for row in page:
-                    if row["superseded"]:
-                        done = await self.count("repair_drop_event", {"seq": row["seq"]})
-                    elif await self.rows("repair_lock_event", {"seq": row["seq"]}):
-                        done = len(await self.rows("repair_assign_event_id", {"seq": row["seq"]}))
-                        assigned = assigned or bool(done)
+                    seqs = list(row["seqs"])
+                    locked = [
+                        r["seq"] for r in await self.rows("repair_lock_events", {"seqs": seqs})
+                    ]
+                    if (row["table_name"], row["row_id"]) in changed or locked != seqs:
+                        tally.skip(
+                            f"{row['table_name']} {row['row_id']}: its events changed meanwhile"
+                        )
+                        continue
+                    if row["latest_seq"] != seqs[-1] and not row["saw_before"]:
+                        await self.count("repair_drop_events", {"seqs": seqs})
                     else:
-                        done = 0
-                    if done:
-                        result.fixed += 1
-                        result.note(describe(row))
-                    else:
-                        result.skipped.append(f"event seq {row['seq']}: changed meanwhile")
-                if assigned:
+                        kept = seqs[-1]
+                        await self.rows(
+                            "repair_rewrite_event",
+                            {"seq": kept, "seqs": seqs, "latest_seq": row["latest_seq"]},
+                        )
+                        await self.count("repair_drop_events", {"seqs": seqs[:-1]})
+                        await self.rows("repair_assign_event_id", {"seq": kept})
+                        delivered = True
+                    tally.fixed += len(seqs) - 1
+                    tally.fixed_one(describe(row))
+                if delivered:
                     await self.rows("repair_notify_readers")
 
-            await self.transaction(body, bypass=False)
+            await self.transaction(result, body)
 
-        await self.run_kind(result, "repair_events_without_id", {}, "seq", 0, describe, fix)
+        await self.run_kind(
+            result,
+            "repair_events_without_id",
+            {},
+            "first_seq",
+            0,
+            describe,
+            fix,
+            size=lambda row: int(row["events"]),
+        )
 
     async def stopped_gateways(self, result: KindResult) -> None:
-        params = {"beats": STOPPED_AFTER_BEATS, "min_seconds": STOPPED_AFTER_SECONDS}
-
         def describe(row: Row) -> str:
             where = f"{row['host']}:{row['pid']}, last seen {row['seen_at']}"
             return f"gateway {row['id']} ({where}): forget it"
 
         async def fix(page: Sequence[Row]) -> None:
-            async def body() -> None:
+            async def body(tally: Tally) -> None:
                 for row in page:
-                    if await self.count("repair_forget_gateway", {**params, "id": row["id"]}):
-                        result.fixed += 1
-                        result.note(describe(row))
+                    if await self.count("repair_forget_gateway", {"id": row["id"]}):
+                        tally.fixed_one(describe(row))
                     else:
-                        result.skipped.append(f"gateway {row['id']}: beat again meanwhile")
+                        tally.skip(f"gateway {row['id']}: beat again meanwhile")
 
-            await self.transaction(body, bypass=False)
+            await self.transaction(result, body)
 
-        await self.run_kind(result, "repair_stopped_gateways", params, "id", NIL, describe, fix)
+        await self.run_kind(result, "repair_stopped_gateways", {}, "id", NIL, describe, fix)

@@ -14,7 +14,8 @@ create table realtime.gateways (
   version text not null,
   started_at timestamptz not null default now(),
   seen_at timestamptz not null default now(),
-  -- How often this process beats: a row not seen for three beats is a stopped process.
+  -- How often this process beats: a row not seen for three beats (and at least 30 s) is a
+  -- stopped process (realtime.gateway_is_live below).
   heartbeat_seconds real not null constraint gateways_heartbeat_check check (heartbeat_seconds > 0),
   -- The highest event id the process had routed to its subscribers at seen_at.
   position bigint not null default 0,
@@ -22,3 +23,13 @@ create table realtime.gateways (
 );
 
 revoke all on realtime.gateways from public;
+
+-- The one rule for "this gateway is alive", used by every process's live-gateways gauge,
+-- by `autodispatch audit` and by `repair` alike: it beat within its last three beats, and
+-- never less than 30 s (a short interval must not make a brief stall look like a death).
+create function realtime.gateway_is_live(g realtime.gateways) returns boolean
+language sql stable as $$
+  select g.seen_at > now() - make_interval(secs => greatest(3 * g.heartbeat_seconds, 30))
+$$;
+
+revoke all on function realtime.gateway_is_live(realtime.gateways) from public;

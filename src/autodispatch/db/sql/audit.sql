@@ -60,7 +60,14 @@ join pg_namespace pn on pn.oid = p.pronamespace
 where not t.tgisinternal and n.nspname in ('public', 'realtime');
 
 -- name: audit_row_security
-select c.relname as table_name, c.relrowsecurity as enabled
+-- Each public table: row-level security on, and whether the API's roles can read it (a
+-- grant to them or to PUBLIC, on the table or any column; a role that does not exist
+-- reads nothing).
+select c.relname as table_name, c.relrowsecurity as enabled,
+       coalesce(has_any_column_privilege((select oid from pg_roles where rolname = 'anon'),
+                                         c.oid, 'SELECT'), false)
+       or coalesce(has_any_column_privilege((select oid from pg_roles where rolname = 'authenticated'),
+                                            c.oid, 'SELECT'), false) as api_readable
 from pg_class c
 join pg_namespace n on n.oid = c.relnamespace
 where n.nspname = 'public' and c.relkind in ('r', 'p')
@@ -176,9 +183,10 @@ order by seq
 limit %(limit)s;
 
 -- name: audit_gateways
--- Each gateway's heartbeat, and the first event it had not routed when it last beat.
+-- Each gateway's heartbeat, whether it is live (the rule every process's gauge uses too,
+-- migration 0004), and the first event it had not routed when it last beat.
 select g.id, g.host, g.pid, g.version, g.started_at, g.seen_at, g.heartbeat_seconds,
-       g.position, g.subscribers,
+       g.position, g.subscribers, realtime.gateway_is_live(g) as live,
        extract(epoch from now() - g.seen_at)::float8 as silent_seconds,
        e.id as next_event_id,
        greatest(extract(epoch from g.seen_at - e.at)::float8, 0) as lag_seconds,
@@ -188,3 +196,15 @@ left join lateral (
   select ev.id, ev.at from realtime.events ev where ev.id > g.position order by ev.id limit 1
 ) e on true
 order by g.started_at, g.id;
+
+-- name: audit_push_cursor
+-- How far the Web Push sender got (migration 0003) against the head of the log: events
+-- not pushed yet, and how long ago the first of them committed.
+select c.last_id as push_position, s.last_id as stream_last_id,
+       greatest(s.last_id - c.last_id, 0) as behind,
+       coalesce((select extract(epoch from clock_timestamp() - e.at)::float8
+                 from realtime.events e where e.id > c.last_id order by e.id limit 1), 0)
+         as lag_seconds
+from realtime.push_cursor c
+cross join realtime.stream s
+where c.id = 1 and s.id = 1;

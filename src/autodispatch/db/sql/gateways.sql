@@ -40,6 +40,6 @@ select
   coalesce((select extract(epoch from clock_timestamp() - e.at)::float8
             from realtime.events e where e.id > %(position)s order by e.id limit 1), 0)
     as unrouted_age_seconds,
-  (select count(*) from realtime.gateways
-   where seen_at > now() - make_interval(secs => 3 * heartbeat_seconds))::int
+  -- Live: the same rule as the audit's and the repair's (migration 0004).
+  (select count(*) from realtime.gateways g where realtime.gateway_is_live(g))::int
     as gateways_live;
