@@ -25,7 +25,8 @@ from autodispatch.api import (
 )
 from autodispatch.api.deps import Services
 from autodispatch.api.observability import ObserveRequests, PoolCollector
-from autodispatch.api.push_sender import PushSender, VapidKeys
+from autodispatch.api.push_keys import VapidKeys
+from autodispatch.api.push_sender import PushSender
 from autodispatch.config import Settings
 from autodispatch.db import migrate
 from autodispatch.db.database import Database
@@ -99,6 +100,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         services.metrics,
         VapidKeys.load(settings),
         request_ttl_seconds=settings.request_ttl_seconds,
+        allowed_hosts=settings.push_allowed_hosts,
     )
 
     # Each process records itself for `autodispatch audit` and measures dispatch health.

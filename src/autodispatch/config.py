@@ -24,6 +24,11 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list (spaces around items ignored); empty when unset."""
+    return tuple(item.strip() for item in (env.get(name) or "").split(",") if item.strip())
+
+
 def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
     """The variable's value, one of ``choices``; the first when unset."""
     raw = env.get(name) or choices[0]
@@ -60,6 +65,11 @@ class Settings:
     # contact push services see.
     vapid_private_key: str = field(default="", repr=False)
     vapid_subject: str = "mailto:admin@localhost"
+    # Hosts (names or IP addresses) the push sender may reach although they are not public:
+    # a push service inside your own network, or the tests' local one. Empty (the default):
+    # push endpoints must be public names resolving only to public addresses
+    # (api/push_network.py), so a subscription cannot aim the server at internal services.
+    push_allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -82,6 +92,7 @@ class Settings:
             ),
             "vapid_private_key": env.get("AUTODISPATCH_VAPID_PRIVATE_KEY") or "",
             "vapid_subject": env.get("AUTODISPATCH_VAPID_SUBJECT") or "mailto:admin@localhost",
+            "push_allowed_hosts": _list(env, "AUTODISPATCH_PUSH_ALLOWED_HOSTS"),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

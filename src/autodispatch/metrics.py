@@ -60,7 +60,13 @@ class Metrics:
         )
         self.push_runs = Counter(
             "autodispatch_push_runs_total",
-            "Runs of the push sender, by outcome (ok, busy: another process sends, error)",
+            "Runs of the push sender, by outcome (ok; busy: another process sends; missing:"
+            " realtime.push_cursor has no row; raced: another sender moved the cursor; error)",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.push_disabled = Counter(
+            "autodispatch_push_subscriptions_disabled_total",
+            "Push subscriptions deleted after too many failed pushes in a row",
             registry=self.registry,
         )

@@ -1,9 +1,13 @@
 """Helpers for the page API tests: a Server-Sent Events reader, and a local Web Push service.
 
-The push service is what a browser vendor runs: an HTTPS endpoint (self-signed, trusted
-through ``REQUESTS_CA_BUNDLE``) that records each POST. A ``Browser`` holds what a
-browser keeps for one subscription (the P-256 key pair and the auth secret), so a test
-can decrypt what was pushed, as the browser would.
+The push service is what a browser vendor runs: an HTTPS endpoint on 127.0.0.1 that
+records each POST. Its certificate is self-signed: a test trusts it through
+``SSL_CERT_FILE`` (set before the app is made), and lets the sender reach it, a
+loopback address, through the ``push_allowed_hosts`` setting
+(``AUTODISPATCH_PUSH_ALLOWED_HOSTS``), as an operator would for a push service inside
+their network. A ``Browser`` holds what a browser keeps for one subscription (the P-256
+key pair and the auth secret), so a test can decrypt what was pushed, as the browser
+would.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,6 +36,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from autodispatch.app import create_app
+from conftest import World, make_settings
 
 
 def b64url(data: bytes) -> str:
@@ -146,12 +154,19 @@ class Push:
 
 
 class PushService:
-    """An HTTPS push service on 127.0.0.1 that records every push; ``answers`` maps a path
-    to the status it replies with (201 otherwise)."""
+    """An HTTPS push service on 127.0.0.1 that records every push. Per path: ``answers``
+    gives the status it replies with (201 otherwise), ``bodies`` the body of that reply,
+    ``locations`` a Location header (for a redirect); a path in ``trickle`` answers one
+    byte every 0.2 s; while ``hold`` is set, a push waits (up to 30 s) for it to clear."""
 
     def __init__(self, folder: Path) -> None:
         self.pushes: list[Push] = []
         self.answers: dict[str, int] = {}
+        self.bodies: dict[str, bytes] = {}
+        self.locations: dict[str, str] = {}
+        self.trickle: set[str] = set()
+        self.held = threading.Event()  # set while a push is waiting on ``hold``
+        self.hold = threading.Event()
         self.arrived = threading.Condition()
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
@@ -189,15 +204,37 @@ class PushService:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
-                status = service.answers.get(self.path, 201)
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
                 with service.arrived:
                     service.pushes.append(
                         Push(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                     )
                     service.arrived.notify_all()
+                if service.hold.is_set():
+                    service.held.set()
+                    deadline = time.monotonic() + 30
+                    while service.hold.is_set() and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                if self.path in service.trickle:
+                    self._trickle()
+                    return
+                status = service.answers.get(self.path, 201)
+                reply = service.bodies.get(self.path, b"")
+                self.send_response(status)
+                if self.path in service.locations:
+                    self.send_header("location", service.locations[self.path])
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def _trickle(self) -> None:
+                """A status line, one byte every 0.2 s, for up to 30 s."""
+                for byte in b"HTTP/1.1 201 Created\r\nx-slow: " + b"a" * 150:
+                    try:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(0.2)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -211,6 +248,10 @@ class PushService:
 
     def endpoint(self, name: str) -> str:
         return f"{self.origin}/push/{name}"
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
 
     def to(self, name: str) -> list[Push]:
         return [p for p in self.pushes if p.path == f"/push/{name}"]
@@ -247,3 +288,16 @@ def check_vapid(push: Push, public_key: str, origin: str, subject: str) -> dict[
     now = datetime.datetime.now(datetime.UTC).timestamp()
     assert now < claims["exp"] <= now + 24 * 3600  # RFC 8292: at most 24 hours ahead
     return claims
+
+
+@asynccontextmanager
+async def open_world(db_url: str, tmp_path: Path, **settings: Any) -> AsyncIterator[World]:
+    """The ``world`` fixture's marketplace, with these settings changed."""
+    app = create_app(make_settings(tmp_path, **settings), db_url)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        world = World(app, client, *([None] * 9))  # type: ignore[arg-type]
+        await world.populate()
+        yield world

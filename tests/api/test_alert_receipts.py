@@ -1,4 +1,5 @@
-"""Alert receipts: validated, stored once per event, counted in /metrics, summed up for admins."""
+"""Alert receipts: about an event the mechanic could see, validated, stored once per event,
+counted in /metrics, summed up for admins."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ async def metric(world: World, name: str, **labels: str) -> float:
 TIERS = ("toast", "sound", "notification", "title", "favicon")
 
 
-def receipt(event_id: int | None = None, **tiers: Any) -> dict[str, Any]:
+def receipt(event_id: int | None = 1, **tiers: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "tiers": tiers or {t: {"status": "shown"} for t in TIERS},
         "commit_to_shown_ms": 120.0,
@@ -28,6 +29,25 @@ def receipt(event_id: int | None = None, **tiers: Any) -> dict[str, Any]:
     if event_id is not None:
         body["event_id"] = event_id
     return body
+
+
+async def events(world: World, assignment_id: str) -> dict[str, int]:
+    """The assignment's events: status -> the latest event id bringing it there."""
+    async with await psycopg.AsyncConnection.connect(world.app.state.services.db.url) as conn:
+        cur = await conn.execute(
+            "select record ->> 'status', max(id) from realtime.events"
+            " where table_name = 'session_assignments' and row_id = %s and id is not null"
+            " group by 1",
+            (assignment_id,),
+        )
+        return {status: int(event_id) for status, event_id in await cur.fetchall()}
+
+
+async def alerted(world: World, **kwargs: Any) -> tuple[str, int]:
+    """A queued request: its assignment id and the event that alerted mechanics."""
+    pair = await world.queued(**kwargs)
+    aid = pair["assignment"]["id"]
+    return aid, (await events(world, aid))["queued"]
 
 
 async def post(world: World, who: Account, body: Any) -> Any:
@@ -45,10 +65,10 @@ async def stored(world: World) -> int:
 async def test_a_receipt_is_stored_once_and_counted_once(world: World) -> None:
     """A mechanic's receipt is 201 with what was stored; the same event again is 200 with the
     first receipt, and /metrics counts the alert once per tier and status."""
-    pair = await world.queued()
+    aid, event_id = await alerted(world)
     body = {
-        "assignment_id": pair["assignment"]["id"],
-        "event_id": 41,
+        "assignment_id": aid,
+        "event_id": event_id,
         "tiers": {
             "toast": {"status": "shown"},
             "sound": {"status": "failed", "error": "NotAllowedError: play() failed"},
@@ -62,8 +82,8 @@ async def test_a_receipt_is_stored_once_and_counted_once(world: World) -> None:
     assert r.status_code == 201, r.text
     first = r.json()["receipt"]
     assert first["mechanic_user_id"] == str(world.mechanic.id)
-    assert first["assignment_id"] == pair["assignment"]["id"]
-    assert (first["event_id"], first["commit_to_shown_ms"]) == (41, 350.5)
+    assert first["assignment_id"] == aid
+    assert (first["event_id"], first["commit_to_shown_ms"]) == (event_id, 350.5)
     assert first["tiers"]["sound"] == {
         "status": "failed",
         "error": "NotAllowedError: play() failed",
@@ -86,12 +106,14 @@ async def test_a_receipt_is_stored_once_and_counted_once(world: World) -> None:
     )
     assert await metric(world, "autodispatch_alert_commit_to_shown_seconds_bucket", le="0.5") == 1
 
-    # Another mechanic's receipt for the same event is theirs; no event id: never merged.
+    # Another mechanic's receipt for the same event is theirs; the same alert reported by
+    # its assignment only (a page that alerted from a queue read) is the same receipt.
     assert (await post(world, world.other_mechanic, body)).status_code == 201
-    assert (await post(world, world.mechanic, receipt())).status_code == 201
-    assert (await post(world, world.mechanic, receipt())).status_code == 201
-    assert await stored(world) == 4
-    assert await metric(world, "autodispatch_alert_tiers_total", tier="toast", status="shown") == 4
+    by_assignment = {"assignment_id": aid, "tiers": {"toast": {"status": "shown"}}}
+    r = await post(world, world.mechanic, by_assignment)
+    assert r.status_code == 200 and r.json()["receipt"] == first
+    assert await stored(world) == 2
+    assert await metric(world, "autodispatch_alert_tiers_total", tier="toast", status="shown") == 2
 
 
 @pytest.mark.parametrize(
@@ -103,12 +125,14 @@ async def test_a_receipt_is_stored_once_and_counted_once(world: World) -> None:
         receipt(toast={}),
         receipt(toast="shown"),
         {"tiers": {}},
-        {"tiers": {"toast": {"status": "shown"}}, "commit_to_shown_ms": -1},
+        {"tiers": {"toast": {"status": "shown"}}, "commit_to_shown_ms": -1, "event_id": 1},
         {"tiers": {"toast": {"status": "shown"}}, "event_id": 0},
+        {"tiers": {"toast": {"status": "shown"}}, "event_id": None},
+        {"tiers": {"toast": {"status": "shown"}}},
         {"tiers": {"toast": {"status": "shown"}}, "assignment_id": "nope"},
-        {"tiers": {"toast": {"status": "failed", "error": "x" * 501}}},
-        {"tiers": {"toast": {"status": "shown"}}, "page": "mechanic"},
-        {"commit_to_shown_ms": 5},
+        {"tiers": {"toast": {"status": "failed", "error": "x" * 501}}, "event_id": 1},
+        {"tiers": {"toast": {"status": "shown"}}, "page": "mechanic", "event_id": 1},
+        {"commit_to_shown_ms": 5, "event_id": 1},
     ],
     ids=lambda b: json.dumps(b)[:60],
 )
@@ -123,19 +147,88 @@ async def test_bad_receipts_are_refused_and_change_nothing(world: World, body: A
 
 
 async def test_receipts_come_from_mechanics_about_real_requests(world: World) -> None:
-    """Customers and admins get 403, anonymous callers 401, an unknown assignment 422."""
+    """Customers and admins get 403, anonymous callers 401; a receipt about an event the
+    mechanic could not see is 404, the same answer as for one that does not exist: an
+    unknown event or assignment, another workshop's request, an event of another table,
+    an event of another assignment than the one named."""
+    _, event_id = await alerted(world)
     for who in (world.customer, world.admin):
-        r = await post(world, who, receipt())
+        r = await post(world, who, receipt(event_id))
         assert r.status_code == 403 and r.json()["error"]["code"] == "wrong_role"
-    r = await world.client.post("/api/alert-receipts", json=receipt())
+    r = await world.client.post("/api/alert-receipts", json=receipt(event_id))
     assert r.status_code == 401
-    r = await post(
-        world,
-        world.mechanic,
-        {**receipt(), "assignment_id": "00000000-0000-0000-0000-000000000001"},
-    )
-    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_assignment"
+
+    north, north_event = await alerted(world, workshop_id=world.workshop_id)
+    other, _ = await alerted(world)
+    async with await psycopg.AsyncConnection.connect(world.app.state.services.db.url) as conn:
+        cur = await conn.execute(
+            "select max(id) from realtime.events where table_name = 'sessions'"
+            " and 'pool:general' = any(new_keys)"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        session_event = int(row[0])  # a session's event the mechanic could see
+        cur = await conn.execute("select max(id) + 1000 from realtime.events")
+        row = await cur.fetchone()
+        assert row is not None
+        unknown = int(row[0])
+    refused = [
+        receipt(unknown),
+        {**receipt(None), "assignment_id": "00000000-0000-0000-0000-000000000001"},
+        receipt(north_event),
+        {**receipt(None), "assignment_id": north},
+        receipt(session_event),
+        {**receipt(event_id), "assignment_id": other},
+    ]
+    answers = set()
+    for body in refused:
+        r = await post(world, world.rival_workshop_mechanic, body)
+        assert r.status_code == 404, (body, r.text)
+        answers.add(json.dumps(r.json()))
+    assert len(answers) == 1
+    assert json.loads(answers.pop())["error"]["code"] == "alert_event_not_found"
     assert await stored(world) == 0
+    # North Garage's own mechanic may report it.
+    r = await post(world, world.workshop_mechanic, {**receipt(north_event), "assignment_id": north})
+    assert r.status_code == 201
+    assert r.json()["receipt"]["assignment_id"] == north
+
+
+async def test_a_receipt_outlives_the_request_being_taken(world: World) -> None:
+    """A mechanic alerted about a request another mechanic took a moment later still
+    reports that alert (the event was theirs to see, though the request is not now)."""
+    aid, event_id = await alerted(world)
+    taker = world.other_mechanic.headers
+    r = await world.client.post(f"/api/assignments/{aid}/accept", headers=taker)
+    assert r.status_code == 200, r.text
+    r = await post(world, world.mechanic, {**receipt(event_id), "assignment_id": aid})
+    assert r.status_code == 201, r.text
+    r = await post(world, world.mechanic, {"assignment_id": aid, **receipt(None)})
+    assert r.status_code == 200 and r.json()["receipt"]["event_id"] == event_id
+
+
+async def test_a_receipt_by_assignment_finds_the_alert_it_reports(world: World) -> None:
+    """Without an event id (a page that alerted from a queue read), the receipt is about
+    the latest event that gave the mechanic the request: the queueing, then the offer,
+    which is an alert of its own and counted as one."""
+    aid, queued_event = await alerted(world)
+    by_assignment = {"assignment_id": aid, **receipt(None)}
+    r = await post(world, world.mechanic, by_assignment)
+    assert r.status_code == 201 and r.json()["receipt"]["event_id"] == queued_event
+    r = await world.client.post(
+        f"/api/assignments/{aid}/offer",
+        json={"mechanic_id": str(world.mechanic.mechanic_id), "ttl_seconds": 90},
+        headers=world.admin.headers,
+    )
+    assert r.status_code == 200, r.text
+    offered_event = (await events(world, aid))["offered"]
+    r = await post(world, world.mechanic, by_assignment)
+    assert r.status_code == 201 and r.json()["receipt"]["event_id"] == offered_event
+    assert (await post(world, world.mechanic, by_assignment)).status_code == 200
+    # Another mechanic was given nothing by the offer: their alert is still the queueing.
+    r = await post(world, world.other_mechanic, by_assignment)
+    assert r.status_code == 201 and r.json()["receipt"]["event_id"] == queued_event
+    assert await stored(world) == 3
 
 
 async def test_the_database_refuses_unknown_tiers_from_any_writer(world: World) -> None:
@@ -144,7 +237,7 @@ async def test_the_database_refuses_unknown_tiers_from_any_writer(world: World) 
     async with await psycopg.AsyncConnection.connect(world.app.state.services.db.url) as conn:
         with pytest.raises(psycopg.errors.CheckViolation):
             await conn.execute(
-                "insert into alert_receipts (mechanic_user_id, tiers) values (%s, %s)",
+                "insert into alert_receipts (mechanic_user_id, event_id, tiers) values (%s, 1, %s)",
                 (world.mechanic.id, json.dumps({"toast": {"status": "maybe"}})),
             )
         await conn.rollback()
@@ -164,20 +257,28 @@ async def test_alert_health_sums_up_the_window_for_admins(world: World) -> None:
     """Per tier counts, commit-to-shown percentiles and the newest failures with the
     mechanic's name, over the window asked for; older receipts stay out."""
     latencies = [100.0, 200.0, 300.0, 400.0, 1000.0]
+    alerts = [await alerted(world) for _ in range(6)]
     for i, ms in enumerate(latencies):
         who = world.mechanic if i % 2 == 0 else world.workshop_mechanic
         tiers = {"toast": {"status": "shown"}, "sound": {"status": "shown"}}
         if i == 3:
             tiers["notification"] = {"status": "failed", "error": "permission denied"}
-        r = await post(world, who, {"tiers": tiers, "commit_to_shown_ms": ms, "event_id": i + 1})
+        body = {"tiers": tiers, "commit_to_shown_ms": ms, "event_id": alerts[i][1]}
+        r = await post(world, who, body)
         assert r.status_code == 201
-    r = await post(world, world.mechanic, {"tiers": {"sound": {"status": "failed"}}})
+    r = await post(
+        world, world.mechanic, {"tiers": {"sound": {"status": "failed"}}, "event_id": alerts[5][1]}
+    )
     assert r.status_code == 201
     # An old one, outside a 60-minute window.
     old = await post(
         world,
         world.other_mechanic,
-        {"tiers": {"title": {"status": "failed", "error": "old"}}, "commit_to_shown_ms": 5},
+        {
+            "tiers": {"title": {"status": "failed", "error": "old"}},
+            "commit_to_shown_ms": 5,
+            "event_id": alerts[0][1],
+        },
     )
     async with await psycopg.AsyncConnection.connect(world.app.state.services.db.url) as conn:
         await conn.execute(

@@ -1,5 +1,6 @@
-"""Web Push subscriptions and the VAPID key: saved per mechanic, replaced, deleted; the key
-generated once into the home folder, or given."""
+"""Web Push subscriptions and the VAPID key: saved per mechanic, replaced, deleted, at most
+ten each, never aimed at an internal address; the key generated once into the home
+folder, or given."""
 
 from __future__ import annotations
 
@@ -8,15 +9,39 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from page_helpers import Browser, b64url, b64url_decode
 
-from autodispatch.api.push_sender import KEY_FILE, VapidKeys
+from autodispatch.api.push_keys import KEY_FILE, VapidKeys
+from autodispatch.api.push_network import EndpointPolicy, EndpointRefused, is_public_address
 from autodispatch.app import create_app
+from autodispatch.config import Settings
 from conftest import Account, World, make_settings
 
 ENDPOINT = "https://push.example.net/send/abc123"
+# What the tests' names resolve to (there is no DNS server to ask).
+DNS = {
+    "push.example.net": ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"],
+    "internal.example.net": ["10.1.2.3"],
+    "half.example.net": ["93.184.215.14", "192.168.1.20"],
+    "mapped.example.net": ["::ffff:127.0.0.1"],
+    "nat64.example.net": ["64:ff9b::a9fe:a9fe"],  # 169.254.169.254, the metadata service
+    "sixtofour.example.net": ["2002:7f00:1::1"],  # 127.0.0.1
+    "shared.example.net": ["100.64.0.7"],
+}
+
+
+async def fake_dns(host: str, port: int) -> list[str]:
+    if host not in DNS:
+        raise OSError(f"{host}: Name or service not known")
+    return DNS[host]
+
+
+@pytest.fixture(autouse=True)
+def dns(world: World) -> None:
+    world.app.state.push.policy.resolve = fake_dns
 
 
 def subscription(endpoint: str = ENDPOINT, browser: Browser | None = None) -> dict[str, Any]:
@@ -151,3 +176,116 @@ async def test_bad_subscriptions_are_refused_and_change_nothing(world: World) ->
         r = await save(world, world.mechanic, body)
         assert r.status_code == 422, (body, r.text)
     assert await rows(world) == []
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://127.0.0.1:5432/",
+        "https://10.0.0.5/send/1",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/send/1",
+        "https://[fe80::1]/send/1",
+        "https://0x7f000001/send/1",
+        "https://localhost/send/1",
+        "https://push.localhost/send/1",
+        "https://metadata/computeMetadata/v1",
+        "https://internal.example.net/send/1",
+        "https://half.example.net/send/1",
+        "https://mapped.example.net/send/1",
+        "https://nat64.example.net/send/1",
+        "https://sixtofour.example.net/send/1",
+        "https://shared.example.net/send/1",
+        "https://nowhere.example.net/send/1",
+        "https://push.example.net:99999/send/1",
+    ],
+)
+async def test_endpoints_inside_the_network_are_refused(world: World, endpoint: str) -> None:
+    """IP addresses, local names and names resolving to any private, loopback, link-local
+    or shared address (also inside an IPv6 form) are 422, with one message that says
+    nothing of what the name resolved to; nothing is saved."""
+    r = await save(world, world.mechanic, subscription(endpoint))
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_push_subscription"
+    assert "public host name" in error["message"] and "10." not in error["message"]
+    assert await rows(world) == []
+
+
+async def test_the_table_holds_every_writer_to_a_plain_https_host(world: World) -> None:
+    """The endpoint CHECK refuses user info, plain http and spaces from any writer."""
+    async with await psycopg.AsyncConnection.connect(world.app.state.services.db.url) as conn:
+        for endpoint in (
+            "https://user@push.example.net/x",
+            "https://push.example.net@10.0.0.5/x",
+            "http://push.example.net/x",
+            "https://push.example.net/a b",
+        ):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                await conn.execute(
+                    "insert into push_subscriptions (user_id, endpoint, p256dh, auth)"
+                    " values (%s, %s, 'k', 'a')",
+                    (world.mechanic.id, endpoint),
+                )
+            await conn.rollback()
+
+
+async def test_a_mechanic_keeps_at_most_ten_subscriptions(world: World) -> None:
+    """Saving an eleventh subscription deletes the one least recently used; saving one
+    again makes it recent; other mechanics' subscriptions are untouched."""
+    other = f"{ENDPOINT}/other"
+    assert (await save(world, world.other_mechanic, subscription(other))).status_code == 201
+    endpoints = [f"{ENDPOINT}/{i}" for i in range(11)]
+    for endpoint in endpoints[:10]:
+        assert (await save(world, world.mechanic, subscription(endpoint))).status_code == 201
+    assert (await save(world, world.mechanic, subscription(endpoints[0]))).status_code == 201
+    assert (await save(world, world.mechanic, subscription(endpoints[10]))).status_code == 201
+    kept = {endpoint for user, endpoint, _, _ in await rows(world) if user == world.mechanic.id}
+    assert kept == set(endpoints) - {endpoints[1]}
+    assert other in {endpoint for _, endpoint, _, _ in await rows(world)}
+
+
+def test_public_addresses() -> None:
+    """Only addresses on the public internet count as public."""
+    for address in ("8.8.8.8", "93.184.215.14", "2606:4700::1111", "64:ff9b::808:808"):
+        assert is_public_address(address), address
+    for address in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.1.1",
+        "240.0.0.1",
+        "192.0.2.1",
+        "::1",
+        "::",
+        "fe80::1%eth0",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:10.0.0.1",
+        "64:ff9b::7f00:1",
+        "2002:a00:1::1",
+        "not an address",
+    ):
+        assert not is_public_address(address), address
+
+
+async def test_allowed_hosts_are_a_setting_and_skip_the_address_rule() -> None:
+    """AUTODISPATCH_PUSH_ALLOWED_HOSTS lists hosts (names or addresses) the sender may
+    reach although they are not public; the others still have to be."""
+    settings = Settings.from_env(
+        {"AUTODISPATCH_PUSH_ALLOWED_HOSTS": " push.internal , 10.0.0.5,"}, home=Path("/tmp")
+    )
+    assert settings.push_allowed_hosts == ("push.internal", "10.0.0.5")
+    assert Settings.from_env({}, home=Path("/tmp")).push_allowed_hosts == ()
+    policy = EndpointPolicy(settings.push_allowed_hosts, resolve=fake_dns)
+    await policy.check_endpoint("https://10.0.0.5:8443/push/1")
+    await policy.check_endpoint("https://PUSH.internal./push/1")
+    await policy.check_endpoint("https://push.example.net/push/1")
+    with pytest.raises(EndpointRefused):
+        await policy.check_endpoint("https://10.0.0.6/push/1")
+    with pytest.raises(EndpointRefused):
+        await policy.check_endpoint("https://internal.example.net/push/1")

@@ -39,14 +39,20 @@ async def test_the_admin_toggles_flags_live_sees_the_queue_and_who_is_online_and
     pages: Pages, live: LiveWorld
 ) -> None:
     """Flags flip on the mechanic's page as the admin toggles them; the queue shows the
-    request with its age; presence lists the mechanic; an offer reaches the chosen
-    mechanic, who declines it; delivery health counts both alerts."""
+    request with its age; presence lists the mechanic under the key its page learnt from
+    the server; an offer reaches the chosen mechanic, who declines it; delivery health
+    counts both alerts."""
     mo = await live.make("mo", "mechanic")
     ada = await live.make("ada", "admin")
     cara = await live.make("cara", "customer")
     mechanic = await pages.signed_in("mechanic", "/mechanic", mo)
     admin = await pages.signed_in("admin", "/admin", ada)
     await expect(admin.locator("#online-list li")).to_have_text(["Mo"], timeout=SLOW)
+    # The mechanic's page knows the key the server listed it under (its own wish aside).
+    status = mechanic.locator("#connection")
+    await expect(status).to_have_attribute("data-presence", "listed", timeout=SLOW)
+    key = await status.get_attribute("data-presence-key")
+    await expect(admin.locator("#online-list li")).to_have_attribute("data-user-id", str(key))
 
     switch = admin.get_by_role("switch", name="mech_audio_alerts")
     await expect(switch).to_be_checked(timeout=SLOW)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -228,7 +230,8 @@ async def test_a_request_made_while_the_network_is_cut_appears_after_reconnect_a
     pages: Pages, live: LiveWorld
 ) -> None:
     """Offline, the page says realtime is down and polls; back online it resumes from its
-    cursor, shows the request made meanwhile and alerts for it exactly once."""
+    cursor, shows the request made meanwhile and alerts for it exactly once, whichever
+    came first: a poll, the catch-up read or the replayed event."""
     mo = await live.make("mo", "mechanic")
     ada = await live.make("ada", "admin")
     cara = await live.make("cara", "customer")
@@ -253,8 +256,147 @@ async def test_a_request_made_while_the_network_is_cut_appears_after_reconnect_a
     await expect(page).to_have_title(re.compile(r"^\(1\) New request"))
     found = await wait_for(lambda: receipts(live.db_url, mo), what="a receipt")
     assert [r["assignment_id"] for r in found] == [assignment_id]
-    # It came back through the resumed channel, with its event.
+    # Named by an event either way (a read that won sends the assignment: the server
+    # finds its event).
     assert found[0]["event_id"] is not None
+
+
+async def test_a_request_a_read_shows_before_its_event_alerts_once_and_the_event_names_it(
+    pages: Pages, live: LiveWorld
+) -> None:
+    """Back online with the row events held back: a read (a poll or the catch-up) shows
+    the request and alerts; the replayed event, let through afterwards, alerts nothing
+    more, and the one receipt names one of the request's events."""
+    mo = await live.make("mo", "mechanic")
+    ada = await live.make("ada", "admin")
+    cara = await live.make("cara", "customer")
+    holding = False
+    held: list[tuple[Any, Any]] = []
+
+    def relay(ws: Any) -> None:
+        # Forward the realtime socket, keeping row events back while `holding` is set.
+        server = ws.connect_to_server()
+
+        def forward(message: Any) -> None:
+            if holding and json.loads(message).get("event") == "postgres_changes":
+                held.append((ws, message))
+            else:
+                ws.send(message)
+
+        server.on_message(forward)
+
+    context = await pages.context()
+    await context.route_web_socket(re.compile(r"/realtime/v1/websocket"), relay)
+    page = await pages.signed_in(
+        "mechanic", "/mechanic?poll_after_ms=2000&poll_every_ms=1000", mo, context=context
+    )
+    await fence(live, ada, page)  # the page has a cursor now
+
+    await page.context.set_offline(True)
+    await expect(page.locator("#poll-notice")).to_contain_text("Realtime is down", timeout=SLOW)
+    pair = await queued(live, cara)
+    assignment_id = pair["assignment"]["id"]
+    holding = True
+    await page.context.set_offline(False)
+    await expect(card(page, assignment_id)).to_be_visible(timeout=SLOW)
+    await expect(toast(page, assignment_id)).to_have_count(1)
+    await expect(page.locator("#connection")).to_have_text("Live", timeout=SLOW)
+    await wait_for(
+        lambda: any(assignment_id in str(m) for _, m in held), what="the replay, held back"
+    )
+
+    holding = False
+    for ws, message in held:
+        ws.send(message)
+    await fence(live, ada, page)
+    await expect(toast(page, assignment_id)).to_have_count(1)
+    found = await wait_for(lambda: receipts(live.db_url, mo), what="a receipt")
+    assert [r["assignment_id"] for r in found] == [assignment_id]
+    replayed = [json.loads(m)["payload"]["data"] for _, m in held]
+    assert found[0]["event_id"] in [
+        d["event_id"] for d in replayed if (d.get("record") or {}).get("id") == assignment_id
+    ]
+    assert len(receipts(live.db_url, mo)) == 1
+
+
+def fake_request(name: str) -> dict[str, Any]:
+    """A queue item no database has: it shows which snapshot the page applied."""
+    at = "2026-01-01T00:00:00Z"
+    return {
+        "id": str(uuid.uuid4()),
+        "session_id": str(uuid.uuid4()),
+        "status": "queued",
+        "request_summary": {
+            "customer_first_name": name,
+            "vehicle": "2001 Test Car",
+            "concern": "only in one snapshot",
+            "session_type": "free",
+            "created_at": at,
+        },
+        "queued_at": at,
+        "created_at": at,
+    }
+
+
+async def test_of_two_catch_ups_in_a_row_the_older_snapshot_never_wins(
+    pages: Pages, live: LiveWorld
+) -> None:
+    """The queue channel rejoins twice and its first queue read answers last: that older
+    snapshot is dropped, so a request that came in meanwhile stays, and what only the
+    older snapshot had never shows; the newer snapshot applies."""
+    mo = await live.make("mo", "mechanic")
+    ada = await live.make("ada", "admin")
+    cara = await live.make("cara", "customer")
+    sockets: list[Any] = []
+
+    def relay(ws: Any) -> None:
+        sockets.append(ws)
+        server = ws.connect_to_server()
+        server.on_message(lambda message: ws.send(message))
+
+    context = await pages.context()
+    await context.route_web_socket(re.compile(r"/realtime/v1/websocket"), relay)
+    page = await pages.signed_in("mechanic", "/mechanic", mo, context=context)
+    await fence(live, ada, page)
+
+    older, newer = fake_request("Older"), fake_request("Newer")
+    first_read, answer_first = asyncio.Event(), asyncio.Event()
+    reads = 0
+
+    async def queue_reads(route: Any) -> None:
+        nonlocal reads
+        reads += 1
+        read = reads
+        response = await route.fetch()  # the server's answer now
+        body = await response.json()
+        if read == 1:
+            body["items"].append(older)
+            first_read.set()
+            await answer_first.wait()
+        elif read == 2:
+            body["items"].append(newer)
+        await route.fulfill(response=response, json=body)
+
+    def rejoin() -> None:
+        # As when the server closes the channel: the page rejoins, then reads the queue.
+        frame = {"topic": f"realtime:queue:{mo.id}", "event": "phx_error", "payload": {}}
+        sockets[-1].send(json.dumps({**frame, "ref": None, "join_ref": None}))
+
+    await page.route(re.compile(r"/api/mechanic/queue$"), queue_reads)
+    rejoin()
+    await asyncio.wait_for(first_read.wait(), SLOW / 1000)
+    pair = await queued(live, cara)  # after the first read, before the second
+    assignment_id = pair["assignment"]["id"]
+    await expect(card(page, assignment_id)).to_be_visible(timeout=SLOW)
+    rejoin()
+    await expect(card(page, newer["id"])).to_be_visible(timeout=SLOW)
+
+    answer_first.set()
+    await fence(live, ada, page)  # the first answer has been handled by now
+    assert reads == 2
+    await expect(card(page, older["id"])).to_have_count(0)
+    await expect(card(page, assignment_id)).to_be_visible()
+    await expect(card(page, newer["id"])).to_be_visible()
 
 
 async def test_a_socket_that_goes_silent_is_noticed_by_heartbeat_and_resumed(

@@ -1,4 +1,5 @@
-"""The pages' pure modules (queue state, alert memory, backoff, presence), run in Chromium."""
+"""The pages' pure modules (queue state, catch-ups, alert memory, receipt outbox, backoff,
+presence), run in Chromium."""
 
 from __future__ import annotations
 
@@ -141,3 +142,152 @@ async def test_reconnects_back_off_with_jitter_and_presence_follows_diffs(page: 
         [7500, 15000],
     ]
     assert result["online"] == ["Max"]
+
+
+RECEIPT_OUTBOX = """
+async () => {
+  const { ReceiptOutbox } = await import('/static/receipts.js');
+  localStorage.clear();
+  const key = 'autodispatch.receipts.u1';
+  const stored = () => JSON.parse(localStorage.getItem(key) || '[]')
+    .map((e) => e.receipt.assignment_id);
+  const posted = [];
+  let answerOld;
+  const oldAnswered = new Promise((resolve) => { answerOld = resolve; });
+  window.fetch = async (path, init) => {
+    const { assignment_id: id } = JSON.parse(init.body);
+    posted.push(id);
+    if (id === 'old') {
+      await oldAnswered;
+      return new Response('{}', { status: 201 });
+    }
+    throw new TypeError('Failed to fetch'); // offline: kept for later
+  };
+  localStorage.setItem(key, JSON.stringify([
+    { at: Date.now() - 2 * 86400 * 1000, receipt: { assignment_id: 'stale' } },
+    { at: Date.now(), receipt: { assignment_id: 'old' } },
+  ]));
+  const outbox = new ReceiptOutbox('u1', { accessToken: 'token' });
+  const retrying = outbox.retry(); // now posting 'old'
+  await outbox.send({ assignment_id: 'new' }); // fails while the retry waits: kept
+  const during = stored();
+  answerOld();
+  await retrying;
+  return { posted, during, after: stored() };
+}
+"""
+
+
+async def test_a_receipt_kept_while_the_outbox_retries_is_not_wiped_by_the_retry(
+    page: Any,
+) -> None:
+    """A receipt that fails (and is kept) while a retry is sending the older ones is still
+    kept when the retry ends; the retry removes only what it sent or found too old."""
+    assert await page.evaluate(RECEIPT_OUTBOX) == {
+        "posted": ["old", "new"],
+        "during": ["stale", "old", "new"],
+        "after": ["new"],
+    }
+
+
+OVERLAPPING_CATCH_UPS = """
+async () => {
+  const { QueueStore, CatchUp } = await import('/static/queue-state.js');
+  const store = new QueueStore();
+  const catchUps = new CatchUp();
+  const row = (id, status) => ({ id, status, queued_at: `2026-01-01T00:00:0${id.length}Z` });
+  const event = (id, status, eventId) => (
+    { type: 'UPDATE', event_id: eventId, record: row(id, status) });
+  // What the page does with an event: keep it while a read loads, apply it at once.
+  const deliver = (data) => { catchUps.note(data); store.applyEvent(data); };
+  const loaded = (load, snapshot) => {
+    const events = catchUps.finish(load);
+    if (events === null) return 'dropped';
+    store.applySnapshot(snapshot);
+    for (const data of events) store.applyEvent(data);
+    return 'applied';
+  };
+  const ids = () => store.list().map((a) => a.id).join(',');
+  const out = [];
+  const first = catchUps.begin(); // subscribed: the queue read starts
+  const second = catchUps.begin(); // subscribed again (a rejoin) while it loads
+  deliver(event('a', 'accepted', 11)); // taken after both reads saw it queued
+  deliver(event('b', 'queued', 12)); // new after both reads
+  out.push(catchUps.active, ids());
+  // The first read ends last but one: its snapshot is dropped, events are still kept.
+  out.push(loaded(first, [row('a', 'queued')]), catchUps.active, ids());
+  deliver(event('c', 'queued', 13));
+  out.push(loaded(second, [row('a', 'queued')]), catchUps.active, ids());
+  out.push(catchUps.note(event('d', 'queued', 14)), catchUps.isCurrent(second));
+  // A read that failed ends the catch-up too; a stale failure changes nothing.
+  const third = catchUps.begin();
+  const fourth = catchUps.begin();
+  out.push(catchUps.finish(third), catchUps.active, catchUps.finish(fourth).length);
+  return out;
+}
+"""
+
+
+async def test_of_overlapping_catch_ups_only_the_latest_snapshot_applies(page: Any) -> None:
+    """A second subscribe while the first queue read loads: the first read's snapshot is
+    dropped (a taken request does not come back, a new one does not vanish), and events
+    are kept until the latest read applies, then re-applied on top of it."""
+    assert await page.evaluate(OVERLAPPING_CATCH_UPS) == [
+        True,
+        "b",
+        "dropped",
+        True,
+        "b",
+        "applied",
+        False,
+        "b,c",
+        False,
+        True,
+        None,
+        True,
+        0,
+    ]
+
+
+OWN_PRESENCE_KEY = """
+async () => {
+  const { RealtimeSocket } = await import('/static/realtime.js');
+  const socket = new RealtimeSocket({ url: 'ws://localhost:9/nowhere', token: () => null });
+  const channel = socket.channel('mechanics-online',
+    { presence: { key: 'wished', meta: { name: 'Mo' } } });
+  const pushed = [];
+  socket.push = async (topic, event, payload) => { pushed.push(payload.payload); return null; };
+  channel.state = 'joined';
+  await channel.track({ name: 'Mo' });
+  const mine = pushed[0];
+  const other = { phx_ref: 'r1', name: 'Max', client_ref: 'someone-else' };
+  const out = [channel.presenceKey];
+  // The server listed this page under a key of its choosing, not the one it wished for.
+  channel.receive({ event: 'presence_state', payload: {
+    'server-key-max': { metas: [other] },
+    'server-key-mo': { metas: [{ ...mine, phx_ref: 'r2' }] } } });
+  out.push(channel.presenceKey);
+  channel.receive({ event: 'presence_diff', payload: {
+    joins: {}, leaves: { 'server-key-mo': { metas: [{ phx_ref: 'r2' }] } } } });
+  out.push(channel.presenceKey);
+  channel.receive({ event: 'presence_diff', payload: {
+    joins: { 'wished': { metas: [{ ...mine, phx_ref: 'r3' }] } }, leaves: {} } });
+  out.push(channel.presenceKey, typeof mine.client_ref, mine.name);
+  return out;
+}
+"""
+
+
+async def test_a_page_learns_the_presence_key_the_server_chose_from_its_payloads(
+    page: Any,
+) -> None:
+    """A tracked presence carries a random client_ref; the page finds it in presence_state
+    and presence_diff and so knows its key, whatever key it asked for."""
+    assert await page.evaluate(OWN_PRESENCE_KEY) == [
+        None,
+        "server-key-mo",
+        None,
+        "wished",
+        "string",
+        "Mo",
+    ]

@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 import pytest
 
 from conftest import World
+
+
+class Scripts(HTMLParser):
+    """The attributes of every <script>, and every inline event handler (onclick=...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[dict[str, str | None]] = []
+        self.handlers: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "script":
+            self.scripts.append(dict(attrs))
+        self.handlers += [f"<{tag} {name}>" for name, _ in attrs if name.startswith("on")]
 
 
 @pytest.mark.parametrize("path", ["/", "/mechanic", "/customer", "/admin", "/probe"])
 async def test_each_page_is_html_with_a_strict_content_security_policy(
     world: World, path: str
 ) -> None:
-    """Pages are HTML, revalidated on every load, and may run only our own scripts."""
+    """Pages are HTML, revalidated on every load, and may run only our own scripts: every
+    <script> is a module loaded from /static/, none is inline, no element has an on*
+    handler (the policy would block them: a page relying on one would be broken)."""
     r = await world.client.get(path)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     assert r.headers["cache-control"] == "no-cache"
     assert "script-src 'self'" in r.headers["content-security-policy"]
-    assert "<script" not in r.text or 'type="module" src="/static/' in r.text
+    parsed = Scripts()
+    parsed.feed(r.text)
+    parsed.close()
+    assert r.text.lower().count("<script") == len(parsed.scripts)
+    for script in parsed.scripts:
+        assert (script.get("src") or "").startswith("/static/"), f"{path}: inline {script}"
+        assert script.get("type") == "module", f"{path}: {script}"
+    assert parsed.handlers == [], path
 
 
 async def test_static_files_have_their_type_and_answer_304_when_unchanged(world: World) -> None:

@@ -1,9 +1,12 @@
 """Alert receipts from mechanics' pages, and the delivery health admins read from them.
 
 After each new-request alert the mechanic's page posts which tiers worked, which failed
-and why, and the time from the request's commit to the alert being shown. Each receipt
-is stored once per (mechanic, event) and counted once in ``/metrics``; admins read a
-summary of a recent window.
+and why, and the time from the request's commit to the alert being shown. A receipt is
+about one ``session_assignments`` event the mechanic could see (row-level security's
+keys, as the realtime router judged them): the one that brought the alert, or for an
+alert raised from a queue read, the latest event that made the request the mechanic's.
+Anything else is 404, existing or not. Each receipt is stored once per (mechanic, event)
+and counted once in ``/metrics``; admins read a summary of a recent window.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ async def record_receipt(
     svc: deps.Services = Depends(deps.services),
 ) -> dict[str, Any]:
     """Report one alert (mechanics). 201 when recorded; 200 with the first receipt when
-    this event was already reported (a retry), which is not counted again."""
+    this event was already reported (a retry), which is not counted again; 404
+    `alert_event_not_found` unless the event (or the assignment) is one you could see."""
     tiers = {tier: report.model_dump(exclude_none=True) for tier, report in body.tiers.items()}
     async with svc.db.as_principal(caller) as tx:
         row = await tx.one(

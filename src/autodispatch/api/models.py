@@ -6,7 +6,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, TypeAlias
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -226,17 +233,28 @@ class TierReport(Strict):
 
 
 class NewAlertReceipt(Strict):
-    assignment_id: UUID | None = None
-    event_id: int | None = Field(default=None, ge=1, description="data.event_id of the alert")
+    """One alert: the event that brought it, or (an alert raised from a queue read, with no
+    event in hand) its assignment, whose latest event that made it yours is then used."""
+
+    assignment_id: UUID | None = Field(default=None, description="The alerted request")
+    event_id: int | None = Field(
+        default=None, ge=1, description="data.event_id of the event that brought the alert"
+    )
     tiers: dict[AlertTier, TierReport] = Field(min_length=1)
     commit_to_shown_ms: float | None = Field(default=None, ge=0, le=86_400_000, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _names_its_alert(self) -> NewAlertReceipt:
+        if self.event_id is None and self.assignment_id is None:
+            raise ValueError("a receipt needs event_id (or, without one, assignment_id)")
+        return self
 
 
 class AlertReceipt(BaseModel):
     id: UUID
     mechanic_user_id: UUID
     assignment_id: UUID | None
-    event_id: int | None
+    event_id: int
     tiers: dict[str, Any]
     commit_to_shown_ms: float | None
     created_at: datetime

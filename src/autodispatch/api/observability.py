@@ -35,6 +35,15 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")
 # Probes and scrapes are counted, but logged only when they fail: they arrive every few
 # seconds and would drown the lines that matter.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# A method is a metric label: any other word a client sends is counted as OTHER, so a
+# client cannot make new time series (the route label is bounded the same way).
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "OTHER"
 
 
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
@@ -90,8 +99,9 @@ class ObserveRequests:
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
-            self.metrics.http_requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.http_latency.labels(route, scope["method"], str(status)).observe(elapsed)
+            method = method_label(scope["method"])
+            self.metrics.http_requests.labels(route, method, str(status)).inc()
+            self.metrics.http_latency.labels(route, method, str(status)).observe(elapsed)
             if route not in QUIET_ROUTES or status >= 400:
                 (log.error if status >= 500 else log.info)(
                     "request",

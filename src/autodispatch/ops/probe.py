@@ -83,6 +83,14 @@ def _error_text(response: httpx.Response) -> str:
     return f"{response.status_code}: {response.text[:200]}"
 
 
+def _unexpected(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"the answer is not JSON ({exc.msg} at character {exc.pos}): {exc.doc[:120]!r}"
+    if isinstance(exc, KeyError):
+        return f"the answer has no {exc.args[0]!r} field"
+    return f"unexpected answer: {type(exc).__name__}: {str(exc)[:200]}"
+
+
 def websocket_url(base_url: str, anon_key: str) -> str:
     parts = urlsplit(base_url)
     scheme = "wss" if parts.scheme == "https" else "ws"
@@ -108,6 +116,11 @@ class _Probe:
             raise StepFailed(name) from None
         except (httpx.HTTPError, OSError, WebSocketException) as exc:
             self._record(name, False, f"{type(exc).__name__}: {exc}", started)
+            raise StepFailed(name) from exc
+        except Exception as exc:
+            # An answer of the wrong shape (an HTML page where JSON was due, a frame that
+            # is not JSON, a body without the field read): this step failed, and says how.
+            self._record(name, False, _unexpected(exc), started)
             raise StepFailed(name) from exc
         self._record(name, True, detail, started)
         return value

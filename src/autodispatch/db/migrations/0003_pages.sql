@@ -30,6 +30,8 @@ $$;
 -- ---------------------------------------------------------------------------
 -- Alert receipts: after each alert a mechanic's page says which tiers worked, which
 -- failed and why, and how long from commit to shown. Read by admins and the mechanic.
+-- Each is about one session_assignments event the mechanic could see (the one that
+-- brought the alert), so nobody can count alerts that never happened.
 -- ---------------------------------------------------------------------------
 -- The tiers of an alert and what each did. Every writer is held to this (a CHECK), so
 -- the admin summary never meets a tier or a status it does not know.
@@ -51,7 +53,7 @@ create table public.alert_receipts (
   id uuid primary key default gen_random_uuid(),
   mechanic_user_id uuid not null references public.profiles (id) on delete cascade,
   assignment_id uuid references public.session_assignments (id) on delete set null,
-  event_id bigint,
+  event_id bigint not null,
   -- {"toast": {"status": "shown", "error": null}, "sound": {"status": "failed", "error": "..."}}
   tiers jsonb not null constraint alert_receipts_tiers_check check (public.alert_tiers_valid(tiers)),
   commit_to_shown_ms double precision
@@ -60,8 +62,7 @@ create table public.alert_receipts (
 );
 create index alert_receipts_created_idx on public.alert_receipts (created_at);
 -- One receipt per mechanic per alerted event: a page that retries does not count twice.
-create unique index alert_receipts_once_idx on public.alert_receipts (mechanic_user_id, event_id)
-  where event_id is not null;
+create unique index alert_receipts_once_idx on public.alert_receipts (mechanic_user_id, event_id);
 
 -- ---------------------------------------------------------------------------
 -- Web Push subscriptions, per user (the browser's endpoint and its keys).
@@ -70,9 +71,13 @@ create table public.push_subscriptions (
   id uuid primary key default gen_random_uuid(),
   user_id uuid not null references public.profiles (id) on delete cascade,
   endpoint text not null unique
-    -- Browsers' push services are https; refusing anything else keeps the sender from
-    -- being pointed at plain-http services inside the network.
-    constraint push_subscriptions_endpoint_check check (endpoint ~ '^https://[^/?#@]+' and length(endpoint) <= 2000),
+    -- The shape every writer is held to: https, a plain host (letters, digits, dots,
+    -- hyphens; an optional port; no user info), no spaces. Which hosts the server may
+    -- reach depends on DNS and a setting, so the API checks that when a subscription is
+    -- saved and the sender again on every connection (api/push_network.py).
+    constraint push_subscriptions_endpoint_check check (
+      endpoint ~ '^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^[:space:][:cntrl:]]*)?$'
+      and length(endpoint) <= 2000),
   p256dh text not null constraint push_subscriptions_p256dh_check check (length(p256dh) between 1 and 200),
   auth text not null constraint push_subscriptions_auth_check check (length(auth) between 1 and 100),
   created_at timestamptz not null default now(),
@@ -82,11 +87,15 @@ create table public.push_subscriptions (
 );
 create index push_subscriptions_user_idx on public.push_subscriptions (user_id);
 
--- How far through the event log pushes have been sent. One process at a time sends (it
--- holds this row's lock while it works), and a restart carries on from here.
+-- How far through the event log pushes have been sent, and who is sending. One process
+-- at a time sends: it takes this row's lease in a short transaction, sends with no
+-- transaction open, and moves last_id in another (only from where it began). A lease
+-- that runs out (its server died) passes to the next sender; a restart carries on here.
 create table realtime.push_cursor (
   id int primary key constraint push_cursor_single_row check (id = 1),
-  last_id bigint not null
+  last_id bigint not null,
+  lease_owner uuid,
+  lease_expires_at timestamptz
 );
 insert into realtime.push_cursor (id, last_id) select 1, last_id from realtime.stream;
 
@@ -217,8 +226,12 @@ begin
 end
 $$;
 
--- A mechanic's page reports an alert. The same event reported twice keeps the first;
--- `created` says which happened, so the caller counts each alert once.
+-- A mechanic's page reports an alert: the event that brought it, or, for an alert the
+-- page raised from a queue read (no event in hand), the assignment, whose event is then
+-- the latest that gave the caller a key to it. The event must be a session_assignments
+-- event the caller could see (its new or old keys and the caller's overlap); anything
+-- else is "not found", whether it exists or not. The same event reported twice keeps the
+-- first; `created` says which happened, so the caller counts each alert once.
 create function api.record_alert_receipt(
   p_assignment_id uuid, p_event_id bigint, p_tiers jsonb, p_commit_to_shown_ms double precision,
   out receipt_id uuid, out created boolean
@@ -226,6 +239,9 @@ create function api.record_alert_receipt(
 language plpgsql security definer set search_path = '' as $$
 declare
   v_caller public.profiles := api.caller(array['mechanic']);
+  v_keys text[] := auth.principal_keys();
+  v_event realtime.events;
+  v_assignment_id uuid;
   v_id uuid;
 begin
   if p_tiers is null or not public.alert_tiers_valid(p_tiers) then
@@ -236,18 +252,37 @@ begin
   if p_commit_to_shown_ms is not null and not p_commit_to_shown_ms between 0 and 86400000 then
     perform api.fail(422, 'invalid_receipt', 'commit_to_shown_ms must be from 0 to 86400000');
   end if;
-  if p_assignment_id is not null
-     and not exists (select 1 from public.session_assignments where id = p_assignment_id) then
-    perform api.fail(422, 'unknown_assignment', format('assignment_id %s is not an assignment', p_assignment_id));
+  if p_event_id is null and p_assignment_id is null then
+    perform api.fail(422, 'invalid_receipt', 'a receipt names the alert''s event_id (or its assignment_id)');
   end if;
+  if p_event_id is not null then
+    select * into v_event from realtime.events e
+    where e.id = p_event_id and e.table_name = 'session_assignments'
+      and (e.new_keys && v_keys or e.old_keys && v_keys);
+  else
+    -- The latest event that gave the caller a key to this assignment: queued where they
+    -- may take it, or offered to them (the two alerts a page raises). Only the events
+    -- since the assignment was made are read: a short range of events_at_idx.
+    select * into v_event from realtime.events e
+    where e.at >= (select a.created_at from public.session_assignments a where a.id = p_assignment_id)
+      and e.table_name = 'session_assignments' and e.row_id = p_assignment_id::text
+      and exists (select 1 from unnest(e.new_keys) k where k = any (v_keys) and k <> all (e.old_keys))
+    order by e.id desc limit 1;
+  end if;
+  if v_event.id is null or (p_assignment_id is not null and v_event.row_id <> p_assignment_id::text) then
+    perform api.fail(404, 'alert_event_not_found',
+                     'no request event you could see has this event_id and assignment_id');
+  end if;
+  -- The assignment as of the event; null when it has since been deleted.
+  select a.id into v_assignment_id from public.session_assignments a where a.id = v_event.row_id::uuid;
   insert into public.alert_receipts (mechanic_user_id, assignment_id, event_id, tiers, commit_to_shown_ms)
-  values (v_caller.id, p_assignment_id, p_event_id, p_tiers, p_commit_to_shown_ms)
-  on conflict (mechanic_user_id, event_id) where event_id is not null do nothing
+  values (v_caller.id, v_assignment_id, v_event.id, p_tiers, p_commit_to_shown_ms)
+  on conflict (mechanic_user_id, event_id) do nothing
   returning id into v_id;
   created := v_id is not null;
   if v_id is null then
     select id into v_id from public.alert_receipts
-    where mechanic_user_id = v_caller.id and event_id = p_event_id;
+    where mechanic_user_id = v_caller.id and event_id = v_event.id;
   end if;
   receipt_id := v_id;
 end
@@ -255,18 +290,28 @@ $$;
 
 -- A browser's push subscription for the calling mechanic; the same endpoint again
 -- replaces its keys (and moves it to this account: one browser, one signed-in user).
+-- A mechanic keeps at most 10: the one least recently used (last push delivered, else
+-- saved) makes room. Refusing the eleventh instead would lock out a mechanic whose old
+-- browsers are gone, since only a browser knows its endpoint to delete it.
 create function api.save_push_subscription(p_endpoint text, p_p256dh text, p_auth text) returns uuid
 language plpgsql security definer set search_path = '' as $$
 declare
   v_caller public.profiles := api.caller(array['mechanic']);
   v_id uuid;
 begin
+  -- One save per user at a time, so two saves cannot both miss the other's row.
+  perform pg_advisory_xact_lock(hashtextextended('push_subscriptions:' || v_caller.id, 0));
   insert into public.push_subscriptions (user_id, endpoint, p256dh, auth)
   values (v_caller.id, p_endpoint, p_p256dh, p_auth)
   on conflict (endpoint) do update
     set user_id = excluded.user_id, p256dh = excluded.p256dh, auth = excluded.auth,
-        failures = 0, last_error = null
+        created_at = now(), failures = 0, last_error = null
   returning id into v_id;
+  delete from public.push_subscriptions
+  where id in (select s.id from public.push_subscriptions s
+               where s.user_id = v_caller.id and s.id <> v_id
+               order by coalesce(s.last_sent_at, s.created_at) desc, s.id desc
+               offset 9);
   return v_id;
 end
 $$;

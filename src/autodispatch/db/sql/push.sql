@@ -11,14 +11,45 @@ where id = %(subscription_id)s::uuid;
 select api.delete_push_subscription(%(endpoint)s::text) as deleted;
 
 -- name: lock_push_cursor
--- One sender at a time: whoever holds this row sends; the others skip it and try later.
-select last_id from realtime.push_cursor where id = 1 for update skip locked;
+-- One sender at a time, in two steps: this short transaction takes the row (whoever
+-- holds it now is busy: skip it), and a lease that lets the sender send outside any
+-- transaction. A row whose lease is still running belongs to another sender.
+select last_id, lease_owner, coalesce(lease_expires_at > now(), false) as leased
+from realtime.push_cursor
+where id = 1
+for update skip locked;
+
+-- name: push_cursor_exists
+-- Not locked and not returned: another process holds it, or it is missing.
+select exists (select 1 from realtime.push_cursor where id = 1) as present;
+
+-- name: lease_push_cursor
+update realtime.push_cursor
+set lease_owner = %(owner)s::uuid,
+    lease_expires_at = now() + make_interval(secs => %(seconds)s::double precision)
+where id = 1;
+
+-- name: renew_push_lease
+update realtime.push_cursor
+set lease_expires_at = now() + make_interval(secs => %(seconds)s::double precision)
+where id = 1 and lease_owner = %(owner)s::uuid;
 
 -- name: advance_push_cursor
-update realtime.push_cursor set last_id = %(last_id)s::bigint where id = 1;
+-- Compare and set: only the lease holder moves the cursor, and only from where it read
+-- the batch, so two senders never both advance (nor move it back).
+update realtime.push_cursor
+set last_id = %(last_id)s::bigint, lease_owner = null, lease_expires_at = null
+where id = 1 and last_id = %(after)s::bigint
+  and (lease_owner = %(owner)s::uuid or %(owner)s::uuid is null);
+
+-- name: release_push_lease
+update realtime.push_cursor
+set lease_owner = null, lease_expires_at = null
+where id = 1 and lease_owner = %(owner)s::uuid;
 
 -- name: push_events_after
-select id, at, table_name, type, record, old_keys, new_keys
+select id, at, table_name, type, record, old_record ->> 'status' as old_status,
+       old_keys, new_keys
 from realtime.events
 where id > %(after)s::bigint
 order by id
@@ -57,8 +88,10 @@ where id = %(subscription_id)s::uuid;
 -- failures counts the failures since the last push that went through.
 update public.push_subscriptions
 set failures = failures + 1, last_error = %(error)s::text
-where id = %(subscription_id)s::uuid;
+where id = %(subscription_id)s::uuid
+returning failures;
 
 -- name: push_gone
--- The push service says this subscription no longer exists (404/410).
+-- The push service says this subscription no longer exists (404/410), or it failed too
+-- many times in a row: the browser subscribes again when its page is next opened.
 delete from public.push_subscriptions where id = %(subscription_id)s::uuid;

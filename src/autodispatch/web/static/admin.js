@@ -1,10 +1,15 @@
 // The admin page: feature flags toggled live, the queue with its ages and offers to a
 // chosen mechanic, mechanics online (presence), and alert delivery health.
+//
+// Like the mechanic's page, it subscribes first, then reads: events that arrive while the
+// queue loads are applied again on top of it, and of overlapping reads (a rejoin while
+// one loads) only the latest applies; the flags are read again when a flag event came
+// during the read.
 
 import { request } from './api.js';
 import { h, $, show, setStatus, announcer, formatAge, describeRequest } from './dom.js';
 import { setupSession, openSocket } from './shell.js';
-import { QueueStore } from './queue-state.js';
+import { QueueStore, CatchUp } from './queue-state.js';
 
 const HEALTH_EVERY_MS = 10000;
 const TIERS = ['toast', 'sound', 'notification', 'title', 'favicon'];
@@ -22,6 +27,9 @@ setupSession({
 async function start(auth) {
   const announce = announcer($('#announcer'));
   const store = new QueueStore();
+  const queueReads = new CatchUp();
+  let flagEvents = 0; // flag events seen (a read that saw this change may be older)
+  let flagReads = 0; // the latest read of the flags shows; older ones do not
   const since = new Map(); // assignment id -> queued time on this clock (ms)
   let mechanics = [];
   const flagsInFlight = new Set();
@@ -30,12 +38,22 @@ async function start(auth) {
   // -- flags --------------------------------------------------------------------------
 
   async function loadFlags() {
+    const read = ++flagReads;
     try {
-      const body = await request('/api/feature-flags', { auth });
-      renderFlags(body.items);
-      setStatus($('#flags-message'), '');
+      for (let tries = 0; tries < 3; tries += 1) {
+        const seen = flagEvents;
+        const body = await request('/api/feature-flags', { auth });
+        if (read !== flagReads) return; // a newer read shows
+        if (seen === flagEvents) {
+          renderFlags(body.items);
+          setStatus($('#flags-message'), '');
+          return;
+        }
+        // A flag event came during the read: the read may be older. Read again (after
+        // three tries, the events keep the switches current on their own).
+      }
     } catch (error) {
-      setStatus($('#flags-message'), `Could not load the flags: ${error.message}`, 'error');
+      if (read === flagReads) setStatus($('#flags-message'), `Could not load the flags: ${error.message}`, 'error');
     }
   }
 
@@ -75,6 +93,7 @@ async function start(auth) {
   }
 
   function onFlagEvent(data) {
+    flagEvents += 1;
     const record = data.type === 'DELETE' ? data.old_record : data.record;
     if (!record || !record.key) return;
     const input = document.querySelector(`input[data-flag="${CSS.escape(record.key)}"]`);
@@ -97,11 +116,21 @@ async function start(auth) {
   async function loadQueue() {
     // Admins read the same queue as mechanics: row-level security shows them every
     // queued and offered request. Ages are counted here from queued_at, so they tick.
-    const body = await request('/api/mechanic/queue', { auth });
+    const load = queueReads.begin();
+    let body;
+    try {
+      body = await request('/api/mechanic/queue', { auth });
+    } catch (error) {
+      if (queueReads.finish(load) === null) return; // a newer read reports for itself
+      throw error;
+    }
+    const events = queueReads.finish(load);
+    if (events === null) return; // a newer read started: this snapshot may be older
     for (const item of body.items || []) {
       since.set(item.id, Date.parse(item.queued_at || item.created_at));
     }
     store.applySnapshot(body.items || []);
+    for (const data of events) applyAssignmentEvent(data, false);
     renderQueue();
   }
 
@@ -115,10 +144,15 @@ async function start(auth) {
   }
 
   function onAssignmentEvent(data) {
+    queueReads.note(data);
+    applyAssignmentEvent(data, true);
+  }
+
+  function applyAssignmentEvent(data, live) {
     const { kind, assignment } = store.applyEvent(data);
     if (kind === 'added') {
       since.set(assignment.id, Date.parse(assignment.queued_at || assignment.created_at));
-      announce(`New request: ${describeRequest(assignment.request_summary)}`);
+      if (live) announce(`New request: ${describeRequest(assignment.request_summary)}`);
     }
     if (kind !== 'ignored') renderQueue();
   }

@@ -3,6 +3,9 @@
 // The banner shows while a session is open and goes the moment it ends, from either
 // side: the session and assignment row events say so (a page that was disconnected
 // resumes from its cursor and re-reads the session).
+// A read of the session is shown only if it is the latest one and no session event came
+// while it loaded (the read may be older than the event; it is read again); an action's
+// answer is newer than any read in flight.
 
 import { request, ApiError, getConfig } from './api.js';
 import { $, show, setStatus, announcer } from './dom.js';
@@ -73,6 +76,8 @@ async function start(auth) {
   const chat = createChat($('#chat'), auth);
   const config = await getConfig().catch(() => ({ stripe_enabled: false }));
   let current = null; // {session, assignment}
+  let sessionEvents = 0; // session and assignment events seen
+  let reads = 0; // the latest read shows; older ones do not
   const done = { waiver: new Set(), payment: new Set() }; // steps this page saw complete
 
   show($('#app'));
@@ -141,16 +146,39 @@ async function start(auth) {
     else chat.close();
   }
 
-  async function loadCurrent() {
+  async function readCurrent() {
     const sessions = await request('/api/sessions', { auth });
     const open = (sessions.items || []).find((s) => OPEN.has(s.status));
-    if (open) setCurrent(await request(`/api/sessions/${open.id}`, { auth }));
-    else if (current) {
-      // It ended while we were not listening: read how.
-      setCurrent(await request(`/api/sessions/${current.session.id}`, { auth }));
-    } else {
-      render();
+    if (open) return request(`/api/sessions/${open.id}`, { auth });
+    // It ended while we were not listening: read how.
+    if (current) return request(`/api/sessions/${current.session.id}`, { auth });
+    return null;
+  }
+
+  async function loadCurrent() {
+    const read = ++reads;
+    for (let tries = 0; tries < 3; tries += 1) {
+      const seen = sessionEvents;
+      const pair = await readCurrent();
+      if (read !== reads) return; // a newer read (or an action's answer) shows
+      if (seen === sessionEvents) {
+        if (pair) setCurrent(pair);
+        else render();
+        return;
+      }
+      // An event came during the read: the read may be older. Read again (after three
+      // tries, the events keep the page current on their own).
     }
+  }
+
+  /** Show the answer of an action: newer than any read in flight. */
+  async function afterAction(answer) {
+    const seen = sessionEvents;
+    const pair = await answer;
+    reads += 1;
+    setCurrent(pair);
+    if (seen !== sessionEvents) loadCurrent().catch(() => {});
+    return pair;
   }
 
   function onEvent(data) {
@@ -158,6 +186,7 @@ async function start(auth) {
       chat.onEvent(data);
       return;
     }
+    sessionEvents += 1;
     const record = data.type === 'DELETE' ? data.old_record : data.record;
     if (!record) return;
     const sessionId = data.table === 'sessions' ? record.id : record.session_id;
@@ -166,7 +195,7 @@ async function start(auth) {
       setCurrent({ ...current, [key]: { ...current[key], ...record } });
     } else if (!current && data.table === 'sessions' && OPEN.has(record.status)) {
       // A request made in another tab.
-      request(`/api/sessions/${record.id}`, { auth }).then(setCurrent).catch(() => {});
+      loadCurrent().catch(() => {});
     }
   }
 
@@ -178,9 +207,7 @@ async function start(auth) {
     button.disabled = true;
     message('');
     try {
-      const pair = await request(path, { method: 'POST', auth, body });
-      setCurrent(pair);
-      return pair;
+      return await afterAction(request(path, { method: 'POST', auth, body }));
     } catch (error) {
       if (!onError || !onError(error)) message(error.message, 'error');
       return null;
@@ -209,13 +236,13 @@ async function start(auth) {
     const button = form.querySelector('button[type="submit"]');
     button.disabled = true;
     try {
-      const pair = await request('/api/sessions', {
+      const answer = request('/api/sessions', {
         method: 'POST', auth, body: { type: f.type.value, intake },
       });
+      await afterAction(answer);
       setStatus(status, '');
       form.reset();
       if (firstName) $('#intake-name').value = firstName;
-      setCurrent(pair);
       $('#session-title').focus();
     } catch (error) {
       setStatus(status, `Not sent: ${error.message}`, 'error');

@@ -4,21 +4,28 @@
 // - Realtime first, then the snapshot. After every (re)subscribe the page fetches GET
 //   /api/mechanic/queue and re-applies the events that arrived while it was loading, so
 //   nothing committed around the fetch is lost; rows keep the id of their last event,
-//   so an older event never overwrites a newer state.
+//   so an older event never overwrites a newer state. When catch-ups overlap (a rejoin
+//   while one loads), only the latest one's snapshot applies (CatchUp).
 // - The channel resumes from the last event id (kept in localStorage), so a page that
 //   was closed or lost its connection is sent what it missed.
 // - When realtime has been down for 10 s, the page polls the queue every 5 s and says so.
+//   Polling stops the moment the socket is open again (the resumed channel brings what
+//   was missed; a poll still loading is dropped), unless the channel has not subscribed
+//   10 s later.
 // - A request is alerted once per browser: its key is claimed in localStorage before
 //   the alert runs, whichever path (live event, replay, snapshot, poll) saw it first.
 //   The first time a mechanic opens the page in a browser, requests already waiting are
 //   listed without alerting (they are not new); on every later visit, requests that came
-//   in while the page was closed alert once.
+//   in while the page was closed alert once. An alert raised by a read (a poll, a
+//   snapshot) has no event in hand: its receipt names the request, and the server finds
+//   the event.
+// - The active session is read again when a session event came during a read (the read
+//   may be older than the event); of overlapping reads, only the latest is shown.
 
 import { request, ApiError } from './api.js';
 import { h, $, show, setStatus, announcer, formatAge, ageSince, describeRequest } from './dom.js';
 import { setupSession, openSocket, renderConnection, pageOption } from './shell.js';
-import { PHASE } from './realtime.js';
-import { QueueStore, AlertMemory, alertKey } from './queue-state.js';
+import { QueueStore, AlertMemory, alertKey, CatchUp } from './queue-state.js';
 import { createAlerter, Badges, unlockAudio, askNotificationPermission, MASTER_FLAG, TIER_FLAGS } from './alerts.js';
 import { ReceiptOutbox } from './receipts.js';
 import { createChat } from './chat.js';
@@ -62,12 +69,17 @@ async function start(auth) {
   const enterEvents = new Map(); // assignment id -> the event that put it in the queue
   let flags = null; // {key: enabled}, null until loaded
   let pendingAlerts = []; // waiting for the flags
+  const catchUps = new CatchUp(); // the queue's snapshot reads
   let firstCatchUp = memory.isNew;
-  let catchingUp = false;
-  let buffered = [];
   let active = null; // {session, assignment}
+  let sessionEvents = 0; // session events seen (a read that saw this change may be older)
+  let sessionReads = 0; // the latest read of the active session shows; older ones do not
   let polling = false;
+  let pollEpoch = 0; // a poll started in an earlier polling spell is dropped
   let lastPoll = 0;
+  let socket = null;
+  let queueChannel = null;
+  let presenceChannel = null;
 
   show($('#dashboard'));
   document.title = BASE_TITLE;
@@ -181,7 +193,7 @@ async function start(auth) {
   // -- the queue ----------------------------------------------------------------------
 
   function onAssignmentEvent(data) {
-    if (catchingUp) buffered.push(data);
+    const catchingUp = catchUps.note(data);
     applyAssignmentEvent(data, !catchingUp);
   }
 
@@ -201,42 +213,50 @@ async function start(auth) {
   }
 
   async function catchUp() {
-    catchingUp = true;
-    buffered = [];
+    const load = catchUps.begin();
+    let queue;
     try {
-      const [queue] = await Promise.all([
+      [queue] = await Promise.all([
         request('/api/mechanic/queue', { auth }),
         loadActiveSession(),
         loadFlags(),
       ]);
-      store.applySnapshot(queue.items || []);
-      const events = buffered;
-      buffered = [];
-      catchingUp = false;
-      for (const data of events) applyAssignmentEvent(data, false);
-      renderQueue();
-      alertUnseen();
-      setStatus($('#queue-message'), '');
-      outbox.retry();
     } catch (error) {
-      catchingUp = false;
-      for (const data of buffered) applyAssignmentEvent(data, true);
-      buffered = [];
+      const events = catchUps.finish(load);
+      if (events === null) return; // a newer catch-up is loading: it reports for itself
+      // The events that came meanwhile are on the page already; alert them now.
+      for (const data of events) {
+        const id = data.record && data.record.id;
+        if (store.items.has(id)) maybeAlert(store.items.get(id), data);
+      }
       setStatus($('#queue-message'), `Could not load the queue: ${error.message}. Retrying…`, 'error');
       setTimeout(() => {
-        if (socket.phase === PHASE.LIVE) catchUp();
+        if (catchUps.isCurrent(load) && queueChannel.state === 'subscribed') catchUp();
       }, 3000);
+      return;
     }
+    // A newer catch-up started while this one loaded: this snapshot may be older than
+    // events already applied, and the newer one keeps them. Drop it.
+    const events = catchUps.finish(load);
+    if (events === null) return;
+    store.applySnapshot(queue.items || []);
+    for (const data of events) applyAssignmentEvent(data, false);
+    renderQueue();
+    alertUnseen();
+    setStatus($('#queue-message'), '');
+    outbox.retry();
   }
 
   async function poll() {
     lastPoll = Date.now();
+    const epoch = pollEpoch;
     try {
       const [queue] = await Promise.all([
         request('/api/mechanic/queue', { auth, timeoutMs: 8000 }),
         loadFlags(), // flag changes made while realtime is down apply too
       ]);
-      if (!polling) return;
+      // Realtime came back meanwhile: its catch-up and live events own the queue.
+      if (!polling || epoch !== pollEpoch || catchUps.active) return;
       store.applySnapshot(queue.items || []);
       renderQueue();
       alertUnseen();
@@ -246,15 +266,25 @@ async function start(auth) {
     }
   }
 
+  /** Should the page poll? Not while the queue channel is subscribed, nor while a socket
+   * that just opened is joining (the resumed channel is about to bring what was missed). */
+  function realtimeDown(now) {
+    if (queueChannel.state === 'subscribed') return false;
+    if (socket.openedAt !== null && now - socket.openedAt < POLL_AFTER_MS) return false;
+    return socket.downSince !== null && now - socket.downSince >= POLL_AFTER_MS;
+  }
+
   function watchConnection() {
+    if (!queueChannel) return; // not set up yet
+    const now = Date.now();
     const state = { phase: socket.phase, downSince: socket.downSince };
-    const down = socket.phase !== PHASE.LIVE && state.downSince !== null
-      && Date.now() - state.downSince >= POLL_AFTER_MS;
+    const down = realtimeDown(now);
     if (down && !polling) {
       polling = true;
       lastPoll = 0;
     } else if (!down && polling) {
       polling = false;
+      pollEpoch += 1;
     }
     const notice = $('#poll-notice');
     if (polling) {
@@ -262,10 +292,22 @@ async function start(auth) {
       if (notice.textContent !== text) notice.textContent = text;
       show(notice);
       renderConnection(state, 'polling');
-      if (Date.now() - lastPoll >= POLL_EVERY_MS) poll();
+      if (now - lastPoll >= POLL_EVERY_MS) poll();
     } else {
       show(notice, false);
     }
+    renderPresence();
+  }
+
+  /** Whether dispatch sees this page online, under the key the server chose. */
+  function renderPresence() {
+    if (!presenceChannel) return; // not set up yet
+    const element = $('#connection');
+    const key = presenceChannel.state === 'subscribed' ? presenceChannel.presenceKey : null;
+    if (key === null) delete element.dataset.presenceKey;
+    else element.dataset.presenceKey = key;
+    element.dataset.presence = key === null ? 'unlisted' : 'listed';
+    element.title = key === null ? 'Not shown online to dispatch yet' : 'Dispatch sees you online';
   }
 
   const cards = new Map(); // assignment id -> li
@@ -359,10 +401,9 @@ async function start(auth) {
     button.disabled = true;
     queueMessage('Accepting…');
     try {
-      const pair = await request(`/api/assignments/${assignment.id}/accept`, { method: 'POST', auth });
+      await afterAction(request(`/api/assignments/${assignment.id}/accept`, { method: 'POST', auth }));
       store.remove(assignment.id);
       renderQueue();
-      setActive(pair);
       queueMessage(`You accepted ${describeRequest(assignment.request_summary)}.`, 'ok');
       $('#active-title').focus();
     } catch (error) {
@@ -396,14 +437,35 @@ async function start(auth) {
 
   // -- the active session ---------------------------------------------------------------
 
-  async function loadActiveSession() {
+  async function readActiveSession() {
     const sessions = await request('/api/sessions', { auth });
     const open = (sessions.items || []).find((s) => OPEN_SESSION.has(s.status));
-    if (!open) {
-      if (active) setActive(null);
-      return;
+    return open ? request(`/api/sessions/${open.id}`, { auth }) : null;
+  }
+
+  async function loadActiveSession() {
+    const read = ++sessionReads;
+    for (let tries = 0; tries < 3; tries += 1) {
+      const seen = sessionEvents;
+      const pair = await readActiveSession();
+      if (read !== sessionReads) return; // a newer read (or an action's answer) shows
+      if (seen === sessionEvents) {
+        if (pair || active) setActive(pair);
+        return;
+      }
+      // A session event came during the read: the read may be older. Read again (after
+      // three tries, the events keep the panel current on their own).
     }
-    setActive(await request(`/api/sessions/${open.id}`, { auth }));
+  }
+
+  /** Show the answer of an action (accept, start, end): newer than any read in flight. */
+  async function afterAction(answer) {
+    const seen = sessionEvents;
+    const pair = await answer;
+    sessionReads += 1;
+    setActive(pair);
+    if (seen !== sessionEvents) loadActiveSession().catch(() => {});
+    return pair;
   }
 
   function setActive(pair) {
@@ -437,6 +499,7 @@ async function start(auth) {
   }
 
   function onSessionEvent(data) {
+    sessionEvents += 1;
     const record = data.type === 'DELETE' ? data.old_record : data.record;
     if (!record || !record.id) return;
     const isActive = active && active.session.id === record.id;
@@ -455,7 +518,7 @@ async function start(auth) {
       active = { ...active, session: { ...active.session, ...record } };
       renderActive();
     } else {
-      request(`/api/sessions/${record.id}`, { auth }).then(setActive).catch(() => {});
+      loadActiveSession().catch(() => {});
     }
   }
 
@@ -463,8 +526,8 @@ async function start(auth) {
     if (!active) return;
     button.disabled = true;
     try {
-      const pair = await request(`/api/sessions/${active.session.id}/${action}`, { method: 'POST', auth });
-      setActive(pair);
+      const id = active.session.id;
+      const pair = await afterAction(request(`/api/sessions/${id}/${action}`, { method: 'POST', auth }));
       if (!OPEN_SESSION.has(pair.session.status)) queueMessage(`The session ended (${pair.session.status}).`, 'ok');
     } catch (error) {
       setStatus($('#active-message'), `Could not ${action} the session: ${error.message}`, 'error');
@@ -521,8 +584,8 @@ async function start(auth) {
 
   // -- realtime -------------------------------------------------------------------------
 
-  const socket = await openSocket(auth, { onState: () => watchConnection() });
-  socket.channel(`queue:${userId}`, {
+  socket = await openSocket(auth, { onState: () => watchConnection() });
+  queueChannel = socket.channel(`queue:${userId}`, {
     changes: [
       { event: '*', schema: 'public', table: 'session_assignments' },
       { event: '*', schema: 'public', table: 'sessions' },
@@ -543,8 +606,11 @@ async function start(auth) {
     },
     onTokenRejected: () => auth.refresh(),
   });
-  socket.channel('mechanics-online', {
+  // The key is a wish (grouping this mechanic's tabs) that the server may override: the
+  // page reads the key it is listed under from the presence payloads (renderPresence).
+  presenceChannel = socket.channel('mechanics-online', {
     presence: { key: userId, meta: { name: auth.name, user_id: userId, online_at: new Date().toISOString() } },
+    onPresence: () => renderPresence(),
   });
   socket.connect();
   // Not waiting for realtime: if it never comes up, polling starts after 10 s, and the

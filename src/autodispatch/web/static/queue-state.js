@@ -8,6 +8,8 @@
 // AlertMemory (localStorage, per mechanic): which requests were already alerted, and
 // the realtime cursor, so a page that was closed resumes where it stopped and a request
 // is alerted once in this browser, not again after a reload or a reconnect.
+//
+// CatchUp (every page): "subscribe first, then read", when reads may overlap.
 
 export const TAKEABLE = new Set(['queued', 'offered']);
 const MEMORY_DAYS = 3;
@@ -158,5 +160,61 @@ export class AlertMemory {
       this.pendingWrite = null;
       this._write();
     }, 250);
+  }
+}
+
+/**
+ * "Subscribe first, then read": after each (re)subscribe a page reads a snapshot and
+ * re-applies on top of it the events that arrived while it loaded. A second subscribe
+ * can come while the first read still loads (a rejoin): its read supersedes the first,
+ * whose snapshot may be older than events already applied, so only the latest read is
+ * applied and events are kept until it is.
+ *
+ *   const load = catchUp.begin();
+ *   const snapshot = await read();
+ *   const events = catchUp.finish(load); // null: a newer read owns the state
+ */
+export class CatchUp {
+  constructor() {
+    this.generation = 0;
+    this.loading = null; // the generation whose read is in flight, or null
+    this.buffered = [];
+  }
+
+  get active() {
+    return this.loading !== null;
+  }
+
+  /** A read starts. Events noted before it are in its snapshot: they are not kept. */
+  begin() {
+    this.generation += 1;
+    this.loading = this.generation;
+    this.buffered = [];
+    return this.generation;
+  }
+
+  /** An event arrived: kept (true) while a read loads, to be applied again on top. */
+  note(event) {
+    if (this.loading === null) return false;
+    this.buffered.push(event);
+    return true;
+  }
+
+  /**
+   * The read of `generation` ended (loaded or failed): the events to apply on top, in
+   * order, and the catch-up is over; or null when a newer read started meanwhile (this
+   * one's result must be dropped, and events stay kept for the newer one).
+   */
+  finish(generation) {
+    if (generation !== this.loading) return null;
+    const events = this.buffered;
+    this.buffered = [];
+    this.loading = null;
+    return events;
+  }
+
+  /** Is this read still the latest one? */
+  isCurrent(generation) {
+    return generation === this.generation;
   }
 }

@@ -12,6 +12,9 @@
 // - Heartbeats; a heartbeat left unanswered closes the socket. Reconnects back off
 //   exponentially with jitter, and go at once when the browser comes back online.
 // - `setAccessToken` sends a fresh token to every joined channel (`access_token`).
+// - Presence: the server decides under which key a page is listed (it may ignore the
+//   key a page asks for). A channel tags what it tracks with a random `client_ref` and
+//   learns its key by finding that tag in presence_state / presence_diff.
 
 const VSN = '1.0.0';
 const DEDUP_LIMIT = 5000;
@@ -64,6 +67,7 @@ export class RealtimeSocket {
     this.stopped = true;
     this.phase = PHASE.CLOSED;
     this.downSince = Date.now(); // not live since (null while live)
+    this.openedAt = null; // when the current socket opened (null while there is none)
     this.retryTimer = null;
     this.heartbeatTimer = null;
     this.heartbeatRef = null;
@@ -167,6 +171,7 @@ export class RealtimeSocket {
     ws.onopen = () => {
       if (this.ws !== ws) return;
       this.log({ kind: 'socket', message: 'connected' });
+      this.openedAt = Date.now();
       this._setPhase(PHASE.JOINING);
       this._startHeartbeat();
       for (const channel of this.channels.values()) channel.join();
@@ -204,6 +209,7 @@ export class RealtimeSocket {
     this.pending.clear();
     const ws = this.ws;
     this.ws = null;
+    this.openedAt = null;
     for (const channel of this.channels.values()) channel.socketDown();
     if (ws && ws.readyState <= WebSocket.OPEN) {
       try {
@@ -349,6 +355,14 @@ export class PresenceState {
     }
   }
 
+  /** The key under which a meta matching `predicate` is listed, or null. */
+  findKey(predicate) {
+    for (const [key, value] of Object.entries(this.state)) {
+      if (value.metas.some(predicate)) return key;
+    }
+    return null;
+  }
+
   /** [{key, metas}] sorted by key. */
   list() {
     return Object.keys(this.state)
@@ -361,7 +375,8 @@ class Channel {
   /**
    * @param {object} options
    * @param {Array<object>} [options.changes]   postgres_changes bindings
-   * @param {{key: string, meta: object}|null} [options.presence]  track this presence
+   * @param {{key?: string, meta: object}|null} [options.presence]  track this presence
+   *   (`key` is only a wish: the server may list it under another; see presenceKey)
    * @param {boolean} [options.watchPresence]   receive presence_state / presence_diff
    * @param {number|null} [options.cursor]      resume after this event id
    * @param {(data: object) => void} [options.onChange]  a row event (data of the payload)
@@ -388,6 +403,7 @@ class Channel {
     this.joinRef = null;
     this.seen = new Set();
     this.presenceState = new PresenceState();
+    this.clientRef = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
     this.rejoinTimer = null;
     this.rejoinAttempt = 0;
     this.left = false;
@@ -400,7 +416,7 @@ class Channel {
     const payload = {
       config: {
         broadcast: { ack: false, self: false },
-        presence: { enabled: this.watchPresence, key: this.presence ? this.presence.key : '' },
+        presence: { enabled: this.watchPresence, key: (this.presence && this.presence.key) || '' },
         postgres_changes: this.changes,
         private: false,
       },
@@ -465,8 +481,15 @@ class Channel {
   track(meta) {
     if (this.presence) this.presence.meta = meta;
     if (this.state === 'closed' || this.state === 'joining') return Promise.resolve(null);
+    const payload = { ...meta, client_ref: this.clientRef };
     return this.socket.push(this.topic, 'presence',
-      { type: 'presence', event: 'track', payload: meta }, { joinRef: this.joinRef });
+      { type: 'presence', event: 'track', payload }, { joinRef: this.joinRef });
+  }
+
+  /** The key the server lists this page's presence under (from its payloads), or null. */
+  get presenceKey() {
+    if (!this.presence) return null;
+    return this.presenceState.findKey((meta) => meta.client_ref === this.clientRef);
   }
 
   socketDown() {

@@ -1,6 +1,7 @@
-// Alert receipts: POST /api/alert-receipts after each alert. A receipt that cannot be
-// sent (offline, server down) waits in localStorage and is sent later; the server keeps
-// one receipt per mechanic and event, so sending one twice does not count twice.
+// Alert receipts: POST /api/alert-receipts after each alert, naming the event that brought
+// it (or, from a queue read, only the assignment: the server finds its event). A receipt
+// that cannot be sent (offline, server down) waits in localStorage and is sent later; the
+// server keeps one receipt per mechanic and event, so sending one twice does not count twice.
 
 import { request, ApiError } from './api.js';
 
@@ -29,12 +30,15 @@ export class ReceiptOutbox {
     try {
       const waiting = this._read();
       if (!waiting.length) return;
-      const left = [];
+      const done = new Set(); // entries sent or too old, as stored
       for (const entry of waiting) {
-        if (Date.now() - entry.at > MAX_AGE_MS) continue;
-        if (!(await this._post(entry.receipt))) left.push(entry);
+        if (Date.now() - entry.at > MAX_AGE_MS || await this._post(entry.receipt)) {
+          done.add(JSON.stringify(entry));
+        }
       }
-      this._write(left);
+      // Read again: receipts kept while this ran (a send that failed meanwhile, another
+      // tab) stay; only what was handled here goes.
+      this._write(this._read().filter((entry) => !done.has(JSON.stringify(entry))));
     } finally {
       this.sending = false;
     }
@@ -49,7 +53,11 @@ export class ReceiptOutbox {
     } catch (error) {
       this.failed += 1;
       const status = error instanceof ApiError ? error.status : 0;
-      const worthRetrying = status === 0 || status === 404 || status === 408 || status === 429 || status >= 500;
+      // A 404 from a server that has no receipts route yet is worth retrying; the server
+      // saying this alert's event is not one of ours will say so again.
+      const refused = error instanceof ApiError && error.code === 'alert_event_not_found';
+      const worthRetrying = !refused
+        && (status === 0 || status === 404 || status === 408 || status === 429 || status >= 500);
       if (!worthRetrying) console.warn('alert receipt refused', error);
       return !worthRetrying;
     }
