@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from live_servers import serve_live
 
 from conftest import Account, LiveWorld
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
@@ -57,6 +60,13 @@ async def subscribed(
         yield inbox
     finally:
         await client.close()
+
+
+@pytest.fixture
+async def live(db_url: str, tmp_path: Path) -> AsyncIterator[LiveWorld]:
+    """The server as ``autodispatch serve`` runs it (the realtime WebSocket served natively)."""
+    async with serve_live(db_url, tmp_path) as world:
+        yield world
 
 
 async def test_python_client_gets_the_queued_request_and_its_removal(live: LiveWorld) -> None:

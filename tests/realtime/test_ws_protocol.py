@@ -24,6 +24,7 @@ import httpx
 import jwt
 import psycopg
 import pytest
+from live_servers import WIRES, serve_live
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -44,6 +45,15 @@ FLAGS = {"event": "*", "schema": "public", "table": "feature_flags"}
 FLAG = "mech_audio_alerts"
 # The reader waits for room in a full queue, then closes a client that never makes any.
 QUEUE_FULL = 'reason="slow_consumer"'
+
+
+@pytest.fixture(params=WIRES)
+async def live(
+    db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[LiveWorld]:
+    """Each test here runs on the native server (as ``serve`` runs it) and through ASGI."""
+    async with serve_live(db_url, tmp_path, request.param) as world:
+        yield world
 
 
 def token_for(account: Account, *, expires_in: float) -> str:
@@ -561,6 +571,52 @@ async def test_too_many_channels_is_refused(live: LiveWorld) -> None:
         ok_response(await raw.join("realtime:room-0"))
 
 
+async def test_bursts_above_the_message_and_join_limits_are_refused(live: LiveWorld) -> None:
+    """More than 500 messages (or 50 joins) sent at once: the excess is refused with
+    MessagePerSecondRateLimitReached (ClientJoinRateLimitReached), the rest answered; a
+    second later the socket may send again."""
+    async with raw_socket(live.server, VSN_1) as raw:
+        refs = [await raw.push("realtime:nowhere", "broadcast", {"event": "x"}) for _ in range(700)]
+        replies = [await raw.reply("realtime:nowhere", ref) for ref in refs]
+        reasons = [r.payload["response"]["reason"] for r in replies]
+        limited = [r for r in reasons if r.startswith("MessagePerSecondRateLimitReached: ")]
+        assert limited, "700 messages at once were all accepted"
+        assert len(limited) < 700 - 400, "the first messages of a burst are answered"
+        assert set(reasons) - set(limited) == {"unmatched topic"}
+        await asyncio.sleep(1.2)
+        ref = await raw.push("realtime:nowhere", "broadcast", {"event": "x"})
+        assert error_reason(await raw.reply("realtime:nowhere", ref)) == "unmatched topic"
+    async with raw_socket(live.server, VSN_1) as raw:
+        joins = [raw.join(f"realtime:burst-{n}") for n in range(70)]
+        reasons = [r.payload["status"] for r in await asyncio.gather(*joins)]
+        refused = [
+            m for m in raw.received
+            if m.event == "phx_reply" and m.payload["status"] == "error"
+        ]  # fmt: skip
+        assert refused and all(
+            error_reason(m).startswith("ClientJoinRateLimitReached: ") for m in refused
+        ), refused
+        assert reasons.count("ok") >= 50
+
+
+async def test_a_silent_socket_is_dropped_and_a_heartbeating_one_is_not(
+    live: LiveWorld,
+) -> None:
+    """A socket that sends nothing for longer than the heartbeat timeout is closed (reason
+    heartbeat_timeout); one that sends heartbeats stays open."""
+    live.server.app.state.gateway.limits.heartbeat_timeout = 1.5
+    async with raw_socket(live.server) as silent, raw_socket(live.server) as beating:
+        started = time.monotonic()
+        while not silent.done:
+            assert time.monotonic() - started < WAIT, "the silent socket was never dropped"
+            await beating.push("phoenix", "heartbeat", {}, ref=beating.ref())
+            await asyncio.sleep(0.4)
+        assert silent.closed is not None and silent.closed.rcvd is not None, silent.closed
+        assert silent.closed.rcvd.reason == "heartbeat_timeout"
+        assert time.monotonic() - started > 1.4
+        assert not beating.done
+
+
 async def test_frames_above_the_payload_limit_are_refused(live: LiveWorld) -> None:
     """A frame above payload_bytes (256 KiB) is refused with PayloadTooLarge and not
     broadcast; the socket stays usable."""
@@ -623,14 +679,13 @@ async def test_a_broadcast_too_big_for_the_bus_is_refused_and_reaches_nobody(
 # --- slow consumers ---------------------------------------------------------------------
 
 
-@pytest.fixture
-async def small_queue_server(db_url: str, tmp_path: Path) -> AsyncIterator[LiveWorld]:
+@pytest.fixture(params=WIRES)
+async def small_queue_server(
+    db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[LiveWorld]:
     """A live server whose per-connection queue holds 20 frames."""
-    server = LiveServer(db_url, tmp_path, realtime_queue_size=20)
-    try:
-        yield LiveWorld(server, db_url, {})
-    finally:
-        server.stop()
+    async with serve_live(db_url, tmp_path, request.param, realtime_queue_size=20) as world:
+        yield world
 
 
 async def metric(server: LiveServer, name: str, labels: str) -> float:

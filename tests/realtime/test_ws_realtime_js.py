@@ -28,6 +28,7 @@ import httpx
 import npm_cache
 import psycopg
 import pytest
+from live_servers import serve_live
 
 from conftest import Account, LiveWorld
 
@@ -251,6 +252,13 @@ async def demo_accounts(live: LiveWorld) -> dict[str, Account]:
                 account_type=demo.account_type,
             )
     return accounts
+
+
+@pytest.fixture
+async def live(db_url: str, tmp_path: Path) -> AsyncIterator[LiveWorld]:
+    """The server as ``autodispatch serve`` runs it (the realtime WebSocket served natively)."""
+    async with serve_live(db_url, tmp_path) as world:
+        yield world
 
 
 @pytest.mark.parametrize("vsn", [None, "1.0.0"], ids=["default-vsn", "vsn-1.0.0"])

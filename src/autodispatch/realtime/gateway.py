@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from typing import Any, Protocol
 
@@ -35,9 +36,12 @@ from autodispatch.realtime.router import Binding, Subscription
 log = structlog.get_logger("autodispatch.realtime")
 
 SLOW_CONSUMER = 4000  # close code of a client that fell too far behind (private range)
-CLOSE_CODES = {"slow_consumer": SLOW_CONSUMER, "shutdown": 1012}
+CLOSE_CODES = {"slow_consumer": SLOW_CONSUMER, "shutdown": 1012, "invalid_utf8": 1007}
 SWEEP_SECONDS = 1.0
 EXPIRED = "sign in again and send a new access_token"
+# Topics only mechanics and admins may join; presence there is listed under the signed-in
+# user's id and name (the admin page's "mechanics online"), never under what a client says.
+STAFF_TOPICS = frozenset({"realtime:mechanics-online"})
 
 
 class Limits:
@@ -109,6 +113,33 @@ class Wire(Protocol):
         ...
 
 
+class Gathering(Protocol):
+    """A wire holding frames gathered during a batch (``WriteBatch``)."""
+
+    def write_gathered(self) -> None: ...
+
+
+class WriteBatch:
+    """While the reader routes a batch of events, wires that can (the native server)
+    gather each connection's frames and write them with one call at ``end``: one system
+    call per recipient of the batch instead of one per frame."""
+
+    __slots__ = ("active", "gathering")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.gathering: list[Gathering] = []
+
+    def begin(self) -> None:
+        self.active = True
+
+    def end(self) -> None:
+        self.active = False
+        gathering, self.gathering = self.gathering, []
+        for wire in gathering:
+            wire.write_gathered()
+
+
 class Gateway:
     """State shared by this process's sockets, and the one timer that watches them all."""
 
@@ -118,6 +149,8 @@ class Gateway:
         self.tokens = tokens
         self.limits = limits
         self.connections: set[Connection] = set()
+        self.batch = WriteBatch()
+        hub.router.batching.append(self.batch)
         self._sweeper: asyncio.Task[None] | None = None
 
     def add(self, conn: Connection) -> None:
@@ -167,6 +200,7 @@ class Channel:
         "presence_enabled",
         "presence_key",
         "presence_refs",
+        "staff",
         "subscription",
         "topic",
     )
@@ -187,6 +221,8 @@ class Channel:
         self.presence_enabled = config.presence_enabled
         self.presence_key = config.presence_key or str(id(self))
         self.presence_refs: set[str] | None = None
+        # On a staff topic: (account type, display name) of the signed-in user.
+        self.staff: tuple[str | None, str | None] | None = None
         self.expires_at = _expiry(principal)
         self.subscription: Subscription | None = None
         # Row-event frames held until the join reply has gone out (then None).
@@ -306,6 +342,23 @@ class Connection:
         if self.closing is None:
             self.closing = reason
             self.wire.close(reason)
+            self._detach()
+
+    def lost(self) -> None:
+        """The socket is gone (the client closed it, or the network): stop routing to it
+        now, clean up in a task."""
+        if self.closing is None:
+            self.closing = "client_closed"
+        self._detach()
+        self.spawn(self.finish(self.closing))
+
+    def _detach(self) -> None:
+        """No more events or broadcasts for this socket's channels (``finish`` leaves them)."""
+        hub, broker = self.gateway.hub, self.gateway.broker
+        for channel in self.channels.values():
+            broker.leave(channel.topic, channel)
+            if channel.subscription is not None:
+                hub.unsubscribe(channel.subscription)
 
     def spawn(self, work: Any) -> None:
         """Run a coroutine for this connection, kept until it is done."""
@@ -313,7 +366,13 @@ class Connection:
             self._tasks = set()
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._tasks is not None:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._tasks = None  # an idle connection keeps no set
 
     async def finish(self, reason: str) -> None:
         """The socket is gone: leave every channel, count the disconnect."""
@@ -460,9 +519,29 @@ class Connection:
         except AppError as exc:
             self.refuse(msg, "InvalidJWTToken", exc.message)
             return
+        if msg.topic in STAFF_TOPICS and principal.account_type not in ("mechanic", "admin"):
+            self.refuse(
+                msg,
+                "Unauthorized",
+                f"{msg.topic} is for mechanics and admins; sign in as one to join it",
+            )
+            return
         channel = Channel(self, msg.topic, msg.join_ref, config, principal)
+        if msg.topic in STAFF_TOPICS:
+            # Who is online is the server's to say: listed under the user's id.
+            channel.presence_key = str(principal.user_id)
+            name = principal.claims.get("user_metadata", {}).get("name")
+            channel.staff = (principal.account_type, name)
+        # Interned: every subscription keeps these few strings (and the router's index
+        # looks tables up by them), so one copy each for the whole process.
         bindings = tuple(
-            Binding(id=b.id, table=table, event=b.event, filter=b.filter, schema=b.schema)
+            Binding(
+                id=b.id,
+                table=sys.intern(table),
+                event=sys.intern(b.event),
+                filter=b.filter,
+                schema=sys.intern(b.schema),
+            )
             for b in config.bindings
             for table in (hub.tables if b.table == p.ALL_TABLES else (b.table,))
         )
@@ -540,6 +619,12 @@ class Connection:
         broker = self.gateway.broker
         if kind == "track":
             meta = body.get("payload") if isinstance(body.get("payload"), dict) else {}
+            if channel.staff is not None:
+                if channel.staff[0] != "mechanic":
+                    self.refuse(msg, "Unauthorized", f"only mechanics are listed on {msg.topic}")
+                    return
+                # The listing names the signed-in mechanic, whatever the page claims.
+                meta = {**(meta or {}), "user_id": channel.presence_key, "name": channel.staff[1]}
             for ref in list(channel.presence_refs or ()):  # one presence per channel
                 await broker.untrack(channel.topic, channel.presence_key, ref)
             ref = f"{id(channel)}-{self.next_id()}"

@@ -24,13 +24,16 @@ from autodispatch.db import queries
 from autodispatch.db.database import Database
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.metrics import RealtimeMetrics
-from autodispatch.realtime.router import Router
+from autodispatch.realtime.router import Router, Subscription
 
 log = structlog.get_logger("autodispatch.realtime")
 
 CHANNEL = "autodispatch_events"
 # A service transaction is BEGIN, one query, COMMIT (psycopg sends each on its own).
 TX_STATEMENTS = 3
+# From this many events in one read, frames are gathered per connection (see route_all):
+# one transaction writes up to a few events, so smaller reads keep the fastest path.
+BATCH_FROM = 4
 
 AsyncRoute = Callable[[Event], Awaitable[Mapping[str, int]]]
 
@@ -98,8 +101,7 @@ class EventLogReader:
             rows = await self._read()
             self.metrics.statements("read_log")
             if self.route_async is None:
-                for row in rows:
-                    await self.route(Event.from_row(row))
+                await self.route_all([Event.from_row(row) for row in rows])
             else:
                 for row in rows:
                     await self.route_awaiting(Event.from_row(row))
@@ -128,18 +130,43 @@ class EventLogReader:
                 self._conn = None
             raise
 
+    async def route_all(self, events: list[Event]) -> None:
+        """Route events in order. When one read brought several (the reader is behind),
+        the transports may write each connection's frames of the batch together: one
+        system call per recipient instead of one per frame."""
+        batched = len(events) >= BATCH_FROM
+        if batched:
+            self.router.begin_batch()
+        try:
+            for event in events:
+                self._advance(event)
+                started = time.perf_counter()
+                outcomes, blocked = self.router.route_collecting(event)
+                if blocked:
+                    if batched:  # write what was gathered before waiting for anyone
+                        self.router.end_batch()
+                    await self._wait_for_room(event, blocked, outcomes)
+                    if batched:
+                        self.router.begin_batch()
+                self._routed(event, outcomes, started)
+        finally:
+            if batched:
+                self.router.end_batch()
+
     async def route(self, event: Event) -> None:
-        """Offer the event to every recipient; then, for those whose queue was full, wait
-        for room (up to ``slow_consumer_seconds``) before the next event. A client that
-        reads promptly survives a burst larger than its queue; one that does not is
-        closed as a slow consumer (and resumes from its cursor). Order is kept for all."""
-        self._advance(event)
-        started = time.perf_counter()
-        outcomes, blocked = self.router.route_collecting(event)
+        """Route one event (``route_all`` of one)."""
+        await self.route_all([event])
+
+    async def _wait_for_room(
+        self, event: Event, blocked: list[Subscription], outcomes: dict[str, int]
+    ) -> None:
+        """For recipients whose queue was full, wait for room (up to
+        ``slow_consumer_seconds``) before the next event. A client that reads promptly
+        survives a burst larger than its queue; one that does not is closed as a slow
+        consumer (and resumes from its cursor). Order is kept for all."""
         for sub in blocked:
             outcome = await self.router.deliver_wait(sub, event, self.slow_consumer_seconds)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        self._routed(event, outcomes, started)
 
     async def route_awaiting(self, event: Event) -> None:
         """Route with ``route_async`` (set): the same bookkeeping as ``route``."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from autodispatch.realtime.events import Event, Variant
 from autodispatch.realtime.protocol import Filter
@@ -30,6 +30,15 @@ class Binding:
 
     def wants(self, delivered_type: str) -> bool:
         return self.event == "*" or self.event == delivered_type
+
+
+class Batching(Protocol):
+    """Told when the reader routes several events in a row, so that a transport may
+    gather each connection's frames and write them together at ``end``."""
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
 
 
 class Sink(Protocol):
@@ -60,13 +69,22 @@ class Subscription:
     buffering: bool = False  # while a resume replays from the database
     buffer: list[Event] = field(default_factory=list)
     tables: frozenset[str] = field(init=False)  # of the bindings (asked for every event)
+    # The one unfiltered binding of a table that has just one (most subscriptions): the
+    # router decides for it without the general loop of decide_bindings.
+    plain: dict[str, Binding] = field(init=False)
 
     def __post_init__(self) -> None:
         self.tables = frozenset(b.table for b in self.bindings)
+        self.plain = {}
+        for table in self.tables:
+            of_table = [b for b in self.bindings if b.table == table]
+            if len(of_table) == 1 and of_table[0].filter is None:
+                self.plain[table] = of_table[0]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """What one subscription gets of one event (made for every candidate: a tuple)."""
+
     delivered: bool
     reason: str  # 'delivered' or why not
     ids: tuple[int, ...] = ()
@@ -76,6 +94,7 @@ class Decision:
 TableTypes = Mapping[str, Mapping[str, str]]
 _NOT_SUBSCRIBED = Decision(False, "table_not_subscribed")
 _NOT_VISIBLE = Decision(False, "not_visible")
+_EVENT_TYPE_MISMATCH = Decision(False, "event_type_mismatch")
 _NO_TYPES: Mapping[str, str] = {}
 
 
@@ -88,6 +107,14 @@ def decide(sub: Subscription, event: Event, types: TableTypes) -> Decision:
     old_visible = not sub.keys.isdisjoint(event.old_keys)
     if not (new_visible or old_visible):
         return _NOT_VISIBLE
+    plain = sub.plain.get(event.table)
+    if plain is not None:  # decide_bindings for one binding without a filter
+        variant = event.variant_given(new_visible, old_visible, None, _NO_TYPES)
+        if variant is None:
+            return _NOT_VISIBLE
+        if plain.event != "*" and plain.event != event.delivered_type(variant):
+            return _EVENT_TYPE_MISMATCH
+        return Decision(True, "delivered", (plain.id,), variant)
     table_types = types.get(event.table, _NO_TYPES)
     return decide_bindings(
         sub, event, lambda f: event.variant_given(new_visible, old_visible, f, table_types)
@@ -131,6 +158,15 @@ class Router:
         self.columns = columns
         self._index: dict[tuple[str, str], set[Subscription]] = defaultdict(set)
         self.subscriptions: set[Subscription] = set()
+        self.batching: list[Batching] = []
+
+    def begin_batch(self) -> None:
+        for batching in self.batching:
+            batching.begin()
+
+    def end_batch(self) -> None:
+        for batching in self.batching:
+            batching.end()
 
     def add(self, sub: Subscription) -> None:
         self.subscriptions.add(sub)

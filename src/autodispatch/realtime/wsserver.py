@@ -11,7 +11,8 @@ the ASGI routes of ``websocket.py``.
 
 Incoming frames are parsed by the ``websockets`` package's sans-I/O ``ServerProtocol``
 (handshake, masking, fragments, ping/pong, the closing handshake). Outgoing data frames
-are written here.
+are written here; while the reader routes a batch of events (``gateway.WriteBatch``),
+each connection's frames are gathered and written with one call.
 
 Backpressure: the transport buffers what the kernel does not take yet; past its high
 water mark frames wait in a backlog of at most ``Limits.queue_size`` frames. A write
@@ -32,11 +33,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote
 
-import structlog
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
 from autodispatch.domain.errors import AppError
@@ -44,8 +45,6 @@ from autodispatch.realtime import protocol as p
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.gateway import CLOSE_CODES, Connection, Gateway
 from autodispatch.realtime.metrics import SentFrames
-
-log = structlog.get_logger("autodispatch.realtime")
 
 PATHS = frozenset({"/realtime/v1/websocket", "/socket/websocket"})
 MAX_MESSAGE = 16 * 1024 * 1024  # larger messages close the socket (1009); see Limits
@@ -94,6 +93,7 @@ class RealtimeWebSocket(asyncio.Protocol):
         "_delegate",
         "_fragments",
         "_fragments_text",
+        "_gathered",
         "_room",
         "_setup",
         "closing",
@@ -122,6 +122,7 @@ class RealtimeWebSocket(asyncio.Protocol):
         self.paused = False
         self.sent: SentFrames | None = None
         self._backlog: deque[tuple[bytes, Event | None]] | None = None
+        self._gathered: list[tuple[bytes, Event | None]] | None = None  # see WriteBatch
         self._room: asyncio.Future[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._fragments: list[bytes] | None = None
@@ -170,10 +171,12 @@ class RealtimeWebSocket(asyncio.Protocol):
         conn, self.conn = self.conn, None
         self.closing = True
         if conn is not None:
-            conn.spawn(conn.finish("client_closed"))
+            conn.lost()
 
     def shutdown(self) -> None:
-        """uvicorn is stopping: close with 1012 (``announce_shutdown`` told each channel)."""
+        """uvicorn is stopping: close with 1012 (``announce_shutdown`` told each channel),
+        now: frames still waiting for a slow client are dropped (it resumes)."""
+        self._backlog = None
         if self.conn is not None:
             self.conn.close("shutdown")
         if self.transport is not None:
@@ -223,6 +226,9 @@ class RealtimeWebSocket(asyncio.Protocol):
             return
         ws.send_response(response)
         self._flush_protocol()
+        # A fresh parser for the frames: the handshake's keeps the request (its headers,
+        # about 2 KB) in its generator for the life of the connection.
+        self.ws = ServerProtocol(state=OPEN, max_size=MAX_MESSAGE, logger=_PROTOCOL_LOG)
         self.conn = conn
         assert conn is not None
         self.gateway.add(conn)
@@ -261,8 +267,9 @@ class RealtimeWebSocket(asyncio.Protocol):
             # The client closed (or broke the protocol): nothing more to send.
             self.closing = True
             self._backlog = None
-            if self.conn is not None and self.conn.closing is None:
-                self.conn.closing = "client_closed"
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.lost()
             self._close_later()
 
     def _frame(self, frame: Frame) -> None:
@@ -305,6 +312,17 @@ class RealtimeWebSocket(asyncio.Protocol):
             return False
         backlog = self._backlog
         if backlog is None and not self.paused:
+            batch = self.gateway.batch
+            if batch.active:
+                gathered = self._gathered
+                if gathered is None:
+                    self._gathered = [(frame, event)]
+                    batch.gathering.append(self)
+                elif len(gathered) >= self.gateway.limits.queue_size:
+                    return False
+                else:
+                    gathered.append((frame, event))
+                return True
             assert self.transport is not None
             self.transport.write(frame)
             if event is not None and self.sent is not None:
@@ -316,6 +334,24 @@ class RealtimeWebSocket(asyncio.Protocol):
             return False
         backlog.append((frame, event))
         return True
+
+    def write_gathered(self) -> None:
+        """The batch is over: write the frames gathered meanwhile, with one call."""
+        gathered, self._gathered = self._gathered, None
+        if not gathered or self.closing or self.transport is None:
+            return
+        if self.paused or self._backlog is not None:  # full since: behind the backlog
+            if self._backlog is None:
+                self._backlog = deque()
+            self._backlog.extend(gathered)
+            return
+        self.transport.write(b"".join([frame for frame, _ in gathered]))
+        sent = self.sent
+        if sent is not None:
+            now = time.time()
+            for _, event in gathered:
+                if event is not None:
+                    sent.sent(now - event.at_ts)
 
     async def write_wait(self, frame: bytes, event: Event | None, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -334,9 +370,11 @@ class RealtimeWebSocket(asyncio.Protocol):
         slow consumer, which gets nothing more (its cursor stays exact)."""
         if self.closing or self.ws is None:
             return
-        self.closing = True
         if reason == "slow_consumer":
-            self._backlog = None
+            self._backlog = self._gathered = None
+        elif self._gathered:
+            self.write_gathered()  # what was gathered goes before the close frame
+        self.closing = True
         with contextlib.suppress(InvalidState):
             self.ws.send_close(CLOSE_CODES.get(reason, 1000), reason)
         close_frame = b"".join(self.ws.data_to_send())

@@ -3,9 +3,10 @@
 A real ``autodispatch serve`` runs in its own process (on an embedded PostgreSQL in a
 temporary home, or on ``--database-url``). The load runs in other processes: subscriber
 processes (``multiprocessing``) hold the WebSocket connections, speaking the Supabase
-Realtime protocol (vsn 1.0.0) through the ``websockets`` package's sans-I/O client on
-plain asyncio transports, so that a received frame costs the generator a few
-microseconds; this process writes the events straight into the database as the service
+Realtime protocol (vsn 1.0.0) on plain asyncio transports: the handshake through the
+``websockets`` package's sans-I/O client, then frames read by ``frames.py``, so that a
+received frame costs the generator a few microseconds; this process writes the events
+straight into the database as the service
 (one SQL statement per lifecycle step; the triggers write the event log), at a target
 rate, from several connections.
 
@@ -15,7 +16,8 @@ visibility query per subscriber per event, the hosted service's method; see
 ``realtime/baseline.py``). Figures:
 
 - commit-to-received latency: ``data.commit_timestamp`` (set in the committing
-  transaction) against the subscriber process's clock when the frame arrives;
+  transaction) against the subscriber process's clock when the frame arrives, on one
+  gateway and again with the subscribers spread over several ``serve`` processes;
 - a ramp of event rates until the server falls behind: the most deliveries per second it
   kept up with, and the most with p99 at or under 100 ms;
 - server memory per idle joined connection (RSS of the serve process before and after);
@@ -33,8 +35,9 @@ This package must not import ``autodispatch.realtime`` (ops is the lower layer):
 client frames are written here with ``json``.
 
 The package: ``report`` (options and figures), ``workload`` (accounts, joins, the event
-writer), ``clients`` (the subscriber processes), ``server`` (the serve process and what it
-reports), ``run`` (the measurements, in order) and ``render`` (targets and tables).
+writer), ``clients`` and ``frames`` (the subscriber processes), ``server`` (the serve
+processes and what they report), ``run`` (the measurements, in order) and ``render``
+(targets and tables).
 """
 
 from autodispatch.ops.bench_realtime.render import Verdict, render, verdicts

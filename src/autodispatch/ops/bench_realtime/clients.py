@@ -16,9 +16,20 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
 from websockets.http11 import Response
 from websockets.uri import parse_uri
+
+from autodispatch.ops.bench_realtime.frames import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    ServerFrames,
+    client_frame,
+    close_code,
+)
 
 _POSTGRES_CHANGES = b'"event":"postgres_changes"'
 _COMMIT_TS = b'"commit_timestamp":"'
@@ -73,62 +84,78 @@ class _Stats:
 
 
 class _Subscriber(asyncio.Protocol):
+    """One WebSocket client: the handshake through websockets' sans-I/O client, then
+    frames read and written by ``frames.py``; every row event is timed on arrival."""
+
     def __init__(self, client: _Client, index: int, url: str, join: str) -> None:
         self.client = client
         self.index = index
-        self.ws = ClientProtocol(parse_uri(url), max_size=None)
+        self.handshake: ClientProtocol | None = ClientProtocol(parse_uri(url), max_size=None)
+        self.frames: ServerFrames | None = None  # once the handshake is done
         self.join_frame = join
         self.transport: asyncio.Transport | None = None
         self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closing = False
+        self.close_code: int | None = None
         self.next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS * random.random()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        assert isinstance(transport, asyncio.Transport) and self.handshake is not None
         self.transport = transport
-        self.ws.send_request(self.ws.connect())
-        self.flush()
-
-    def flush(self) -> None:
-        if self.transport is None:
-            return
-        for chunk in self.ws.data_to_send():
-            if chunk:
-                self.transport.write(chunk)
-            else:  # the protocol is done writing (closing handshake)
-                self.transport.close()
-                return
+        self.handshake.send_request(self.handshake.connect())
+        for chunk in self.handshake.data_to_send():
+            transport.write(chunk)
 
     def send(self, text: str) -> None:
-        self.ws.send_text(text.encode())
-        self.flush()
+        if self.transport is not None and self.frames is not None:
+            self.transport.write(client_frame(OP_TEXT, text.encode()))
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
-        stats = self.client.stats
-        self.ws.receive_data(data)
-        for event in self.ws.events_received():
+        if self.frames is None:
+            self._handshake(data, now)
+            return
+        try:
+            messages = self.frames.feed(data)
+        except FrameError as exc:
+            self._protocol_error(str(exc))
+            return
+        for opcode, payload in messages:
+            self._message(opcode, payload, now)
+
+    def _handshake(self, data: bytes, now: float) -> None:
+        ws = self.handshake
+        assert ws is not None
+        ws.receive_data(data)
+        for event in ws.events_received():
             if isinstance(event, Response):
                 if event.status_code != 101:
                     self._fail(f"handshake refused: HTTP {event.status_code} {event.body!r}")
-                else:
-                    self.send(self.join_frame)
-                continue
-            if not isinstance(event, Frame) or event.opcode is not Opcode.TEXT:
-                continue
-            frame = event.data if isinstance(event.data, bytes) else bytes(event.data)
-            if frame.find(_POSTGRES_CHANGES, 0, 200) >= 0:
-                start = frame.find(_COMMIT_TS) + len(_COMMIT_TS)
-                end = frame.find(b'"', start)
-                latency = now - stats.timestamp(frame[start:end])
+                    return
+                self.frames, self.handshake = ServerFrames(), None
+                self.send(self.join_frame)
+            elif isinstance(event, Frame):  # arrived with the response
+                self._message(int(event.opcode), bytes(event.data), now)
+
+    def _message(self, opcode: int, payload: bytes, now: float) -> None:
+        stats = self.client.stats
+        if opcode == OP_TEXT:
+            if payload.find(_POSTGRES_CHANGES, 0, 200) >= 0:
+                start = payload.find(_COMMIT_TS) + len(_COMMIT_TS)
+                end = payload.find(b'"', start)
+                latency = now - stats.timestamp(payload[start:end])
                 stats.received += 1
                 stats.hist[_bucket(latency)] += 1
                 if latency > stats.max:
                     stats.max = latency
             else:
                 stats.control += 1
-                self._control(json.loads(frame))
-        self.flush()
+                self._control(json.loads(payload))
+        elif opcode == OP_PING and self.transport is not None:
+            self.transport.write(client_frame(OP_PONG, payload))
+        elif opcode == OP_CLOSE:
+            self.close_code = close_code(payload)
+            self.close(self.close_code or 1000, ours=False)
 
     def _control(self, msg: dict[str, Any]) -> None:
         if self.joined.done():
@@ -147,41 +174,49 @@ class _Subscriber(asyncio.Protocol):
         if not self.joined.done():
             self.joined.set_exception(RuntimeError(why))
 
+    def _protocol_error(self, why: str) -> None:
+        self.client.stats.closed[f"protocol error: {why}"[:80]] += 1
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.subscribers.pop(self.index, None)
         if not self.closing:
-            self.client.stats.closed[str(self.ws.close_code or "dropped")] += 1
-        self._fail(f"connection lost ({exc or self.ws.close_code})")
+            self.client.stats.closed[str(self.close_code or "dropped")] += 1
+        self._fail(f"connection lost ({exc or self.close_code})")
 
-    def close(self) -> None:
-        self.closing = True
+    def close(self, code: int = 1000, *, ours: bool = True) -> None:
+        """Close; ``ours=False`` answers the server's close frame (``connection_lost``
+        then counts the server's code as a disconnect)."""
+        self.closing = ours
         if self.transport is not None and not self.transport.is_closing():
-            self.ws.send_close(1000)
-            self.flush()
+            if self.frames is not None:
+                self.transport.write(client_frame(OP_CLOSE, code.to_bytes(2, "big")))
             self.transport.close()
 
 
 class _Client:
     """One subscriber process: opens, holds and closes connections on request."""
 
-    def __init__(self, host: str, port: int, url: str) -> None:
+    def __init__(self, host: str, url: str) -> None:
         self.host = host
-        self.port = port
-        self.url = url
+        self.url = url  # with a {port} to fill: the gateway each subscriber connects to
         self.stats = _Stats()
         self.subscribers: dict[int, _Subscriber] = {}
 
-    async def open(self, items: list[tuple[int, str]]) -> dict[str, Any]:
+    async def open(self, items: list[tuple[int, str, int]]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         gate = asyncio.Semaphore(64)
         errors: list[str] = []
 
-        async def one(index: int, join: str) -> None:
+        async def one(index: int, join: str, port: int) -> None:
+            url = self.url.format(port=port)
             async with gate:
                 try:
                     _, sub = await loop.create_connection(
-                        lambda: _Subscriber(self, index, self.url, join), self.host, self.port
+                        lambda: _Subscriber(self, index, url, join), self.host, port
                     )
                     self.subscribers[index] = sub
                     await asyncio.wait_for(sub.joined, timeout=60)
@@ -190,7 +225,7 @@ class _Client:
                     if index in self.subscribers:
                         self.subscribers.pop(index).close()
 
-        await asyncio.gather(*(one(i, join) for i, join in items))
+        await asyncio.gather(*(one(i, join, port) for i, join, port in items))
         return {
             "opened": len(items) - len(errors),
             "errors": errors[:5],
@@ -224,10 +259,10 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def _subscriber_process(conn: Connection, host: str, port: int, url: str) -> None:
+def _subscriber_process(conn: Connection, host: str, url: str) -> None:
     """Entry point of a subscriber process: serve the parent's commands until "quit"."""
     raise_fd_limit()
-    asyncio.run(_serve_commands(conn, _Client(host, port, url)))
+    asyncio.run(_serve_commands(conn, _Client(host, url)))
 
 
 async def _serve_commands(conn: Connection, client: _Client) -> None:
@@ -259,17 +294,20 @@ async def _serve_commands(conn: Connection, client: _Client) -> None:
 
 
 class LoadGenerator:
-    """The parent's handle on the subscriber processes; subscriber i lives in process i % n."""
+    """The parent's handle on the subscriber processes; subscriber i lives in process i % n
+    and connects to gateway (i // n) % g of the ``ports`` (each process holds subscribers
+    of every gateway)."""
 
-    def __init__(self, processes: int, host: str, port: int, anon_key: str) -> None:
-        self.url = f"ws://{host}:{port}/realtime/v1/websocket?apikey={anon_key}&vsn=1.0.0"
+    def __init__(self, processes: int, host: str, ports: list[int], anon_key: str) -> None:
+        self.url = f"ws://{host}:{{port}}/realtime/v1/websocket?apikey={anon_key}&vsn=1.0.0"
+        self.ports = ports  # for subscribers opened from now on
         ctx = multiprocessing.get_context("spawn")
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
         for _ in range(processes):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_subscriber_process, args=(child, host, port, self.url), daemon=True
+                target=_subscriber_process, args=(child, host, self.url), daemon=True
             )
             proc.start()
             child.close()
@@ -280,6 +318,9 @@ class LoadGenerator:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
+
+    def port_of(self, subscriber: int) -> int:
+        return self.ports[(subscriber // len(self.pipes)) % len(self.ports)]
 
     async def _ask_all(self, commands: list[tuple[Any, ...] | None]) -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -315,7 +356,7 @@ class LoadGenerator:
             started = time.perf_counter()
             replies = await self._ask_all(
                 [
-                    ("open", [(i, joins[i]) for i in part]) if part else None
+                    ("open", [(i, joins[i], self.port_of(i)) for i in part]) if part else None
                     for part in self._split(missing)
                 ]
             )

@@ -18,9 +18,10 @@ class Verdict:
 def verdicts(report: Report) -> list[Verdict]:
     o = report.options
     found: list[Verdict] = []
-    lat = report.window("keys", "latency")
-    if lat is not None:
+    for lat in (w for w in report.windows if w.strategy == "keys" and w.name.startswith("latency")):
         where = f"{lat.subscribers} subscribers, {o.rate:g} events/s"
+        if lat.gateways > 1:
+            where += f", {lat.gateways} gateway processes"
         found.append(Verdict(f"p50 < 5 ms ({where})", f"{lat.p50_ms:,.1f} ms", lat.p50_ms < 5))
         found.append(Verdict(f"p99 < 50 ms ({where})", f"{lat.p99_ms:,.1f} ms", lat.p99_ms < 50))
     best = report.best("keys", within_limit=True)
@@ -81,7 +82,7 @@ def _ms(value: float) -> str:
 
 
 def _cpu(w: Window) -> str:
-    parts = (w.server_cpu, w.postgres_cpu, w.generator_cpu)
+    parts = (w.server_cpu, w.postgres_cpu, w.generator_cpu, w.other_cpu)
     return " / ".join("-" if v != v else f"{v:.0f}" for v in parts)
 
 
@@ -103,7 +104,7 @@ def _windows_table(title: str, windows: list[Window]) -> Any:
     table.add_column("step")
     for col in ("subscribers", "target ev/s", "events/s", "deliveries/s", "fan-out"):
         table.add_column(col, justify="right")
-    for col in ("p50 ms", "p99 ms", "max ms", "server p99 ms", "CPU % serve/PG/load"):
+    for col in ("p50 ms", "p99 ms", "max ms", "server p99 ms", "CPU % serve/PG/load/other"):
         table.add_column(col, justify="right")
     table.add_column("result")
     for w in windows:
@@ -133,11 +134,12 @@ def render(report: Report, console: Any) -> None:
     console.print(
         f"[bold]autodispatch bench realtime[/bold] — {report.date}\n"
         f"Machine: {report.machine}\n"
-        f"Server: one `autodispatch serve` process; load: {report.generator_processes}"
+        f"Server: one `autodispatch serve` process (the latency figure also on"
+        f" {o.latency_gateways}, sharing the subscribers); load: {report.generator_processes}"
         " subscriber processes, and the bench process writing events"
         + (" [yellow](--quick: scaled down)[/yellow]" if o.quick else "")
     )
-    latency = [w for w in report.windows if w.name == "latency"]
+    latency = [w for w in report.windows if w.name.startswith("latency")]
     console.print(
         _windows_table(
             f"Commit-to-received latency at {o.rate:g} events/s (the baseline: "

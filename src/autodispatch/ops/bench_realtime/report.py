@@ -27,18 +27,19 @@ class RealtimeOptions:
     # behind (it has not routed everything keep_up_seconds after the writes stop).
     ramp_start: float = 20.0
     ramp_factor: float = 1.4
-    ramp_steps: int = 9
+    ramp_steps: int = 13
     step_seconds: float = 10.0  # seconds measured per ramp step
     keep_up_seconds: float = 1.0
     statements_rate: float = 10.0  # events/s while counting statements
     statements_seconds: float = 10.0
     processes: int = 2  # subscriber processes
+    latency_gateways: int = 2  # the latency figure again on this many gateways (< 2: not)
     writer_connections: int = 12
     database_url: str | None = None
     baseline: bool = True
     baseline_ramp_start: float = 0.5
     baseline_ramp_factor: float = 2.0
-    baseline_ramp_steps: int = 5
+    baseline_ramp_steps: int = 7
     baseline_step_seconds: float = 20.0  # few events per second: longer steps
     baseline_duration: float = 3.0  # the baseline at `rate` falls behind: keep it short
     quick: bool = False
@@ -72,6 +73,7 @@ class Window:
     name: str
     subscribers: int
     target_rate: float
+    gateways: int = 1  # serve processes sharing the subscribers
     seconds: float = 0.0  # of writes measured
     elapsed: float = 0.0  # from the start of the measure until all was routed (or gave up)
     events: int = 0  # read and routed by the server
@@ -85,10 +87,16 @@ class Window:
     server_cpu: float = float("nan")  # percent of one core
     postgres_cpu: float = float("nan")
     generator_cpu: float = float("nan")
+    machine_cpu: float = float("nan")  # every process on the machine (all cores)
     disconnects: int = 0
     drain_seconds: float | None = None  # after the writes stopped; None: never caught up
     kept_up: bool = False  # caught up within keep_up_seconds of the last write
     within_limit: bool = False  # kept up, p99 <= LATENCY_LIMIT, nobody disconnected
+
+    @property
+    def other_cpu(self) -> float:
+        """Percent of a core that processes other than the bench's used meanwhile."""
+        return self.machine_cpu - self.server_cpu - self.postgres_cpu - self.generator_cpu
 
     @property
     def events_per_s(self) -> float:
@@ -112,7 +120,7 @@ class StatementCount:
     events: int = 0
     realtime_counter: int = 0  # per-event purposes of autodispatch_realtime_db_statements_total
     pg_server: int | None = None  # pg_stat_statements: every statement the server sent
-    pg_background: int | None = None  # ... of which the expiry job and the LISTEN liveness
+    pg_background: int | None = None  # ... in as long a stretch without events
 
     @property
     def counter_per_event(self) -> float:
@@ -164,7 +172,11 @@ class Report:
         data = asdict(self)
         data["options"]["profile_server"] = str(self.options.profile_server or "")
         for w, raw in zip(self.windows, data["windows"], strict=True):
-            raw.update(events_per_s=w.events_per_s, deliveries_per_s=w.deliveries_per_s)
+            raw.update(
+                events_per_s=w.events_per_s,
+                deliveries_per_s=w.deliveries_per_s,
+                other_cpu=w.other_cpu,
+            )
         return data
 
 

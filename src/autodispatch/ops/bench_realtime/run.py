@@ -28,10 +28,12 @@ from autodispatch.ops.bench_realtime.report import (
     machine,
 )
 from autodispatch.ops.bench_realtime.server import (
+    LOG_READ,
     NOT_SERVER_STATEMENTS,
     PER_EVENT_PURPOSES,
     CpuClock,
     ServeProcess,
+    machine_busy_seconds,
     metric,
     server_percentile,
 )
@@ -50,6 +52,7 @@ class Bench:
         self.home = home
         self.progress = progress
         self.server = ServeProcess(home, options.database_url)
+        self.extra: list[ServeProcess] = []  # more gateways on the same database, at times
         # No keep-alive: uvicorn closes idle connections after 5 s, and a scrape that races
         # that close fails.
         self.http = httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
@@ -65,7 +68,6 @@ class Bench:
         self.writer: Writer | None = None
         self.url = ""
         self.postmaster: int | None = None
-        self.start_head = 0  # the log's head when the server started
 
     # -- helpers ---------------------------------------------------------------------------
     async def _sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -99,7 +101,7 @@ class Bench:
             self.postmaster = None
             with contextlib.suppress(psutil.Error):
                 self.postmaster = psutil.Process(int(row[0])).ppid()
-        self.start_head = await self._head()
+        self.server.start_head = await self._head()
         if self.writer is not None:
             # The embedded PostgreSQL stops with the last serve process: reconnect.
             await self.writer.stop()
@@ -122,21 +124,45 @@ class Bench:
         rows = await self._sql("select last_id from realtime.stream where id = 1")
         return int(rows[0][0])
 
+    @property
+    def gateways(self) -> list[ServeProcess]:
+        return [self.server, *self.extra]
+
+    async def _scrape(self) -> list[dict[tuple[str, tuple[Any, ...]], float]]:
+        return [await server.metrics(self.http) for server in self.gateways]
+
     async def _caught_up(self, timeout: float) -> float | None:
-        """Wait until the server has routed everything committed so far; return how long
-        that took, or None if it did not within ``timeout`` seconds."""
+        """Wait until every gateway has routed everything committed so far; return how
+        long that took, or None if they did not within ``timeout`` seconds."""
         head = await self._head()
         started = time.monotonic()
         while time.monotonic() - started < timeout:
-            samples = await self.server.metrics(self.http)
-            position = metric(samples, "autodispatch_realtime_log_position")
-            # The gauge is 0 until the server routes its first event; it started at the head.
-            if position >= head or (position == 0 and head == self.start_head):
+            positions = [
+                (metric(samples, "autodispatch_realtime_log_position"), server.start_head)
+                for samples, server in zip(await self._scrape(), self.gateways, strict=True)
+            ]
+            # The gauge is 0 until a server routes its first event; it started at the head.
+            if all(p >= head or (p == 0 and head == start) for p, start in positions):
                 waited = time.monotonic() - started
                 await asyncio.sleep(0.3)  # frames still in the sockets' queues
                 return waited
             await asyncio.sleep(0.05)
         return None
+
+    async def _add_gateways(self, count: int) -> None:
+        """Start ``count`` more serve processes on the same database."""
+        for _ in range(count):
+            extra = ServeProcess(
+                self.home, self.options.database_url, name=f"gw{len(self.extra) + 2}"
+            )
+            await asyncio.to_thread(extra.start, "keys")
+            extra.start_head = await self._head()
+            self.extra.append(extra)
+
+    async def _remove_gateways(self) -> None:
+        for extra in self.extra:
+            await asyncio.to_thread(extra.stop)
+        self.extra = []
 
     async def _settle(self, routing: str) -> None:
         """Before counting statements: no backlog left (else start the server afresh)."""
@@ -167,7 +193,7 @@ class Bench:
         self.writer = Writer(self.url, self.members, options.writer_connections)
         await self.writer.start()
         anon = TokenIssuer(SECRET, 3600).anon_key()
-        self.gen = LoadGenerator(options.processes, "127.0.0.1", self.server.port, anon)
+        self.gen = LoadGenerator(options.processes, "127.0.0.1", [self.server.port], anon)
 
     async def _pg_stat_statements(self) -> bool:
         """Make pg_stat_statements available: on the embedded server, preload it (restart)."""
@@ -186,24 +212,20 @@ class Bench:
         await self._sql("create extension if not exists pg_stat_statements")
         return True
 
-    async def _pg_statements(self) -> tuple[int, int]:
-        """(statements the server sent, of which background jobs) since the last reset."""
+    async def _pg_statements(self, *, background: bool = False) -> int:
+        """Statements the server sent since the last reset (pg_stat_statements); with
+        ``background``, not its reads of the event log (those are the realtime work
+        measured: its timer reads them when idle, events when busy)."""
         rows = await self._sql(
             "select query, calls from pg_stat_statements s"
             " join pg_database d on d.oid = s.dbid where d.datname = current_database()"
         )
-        server = background = expiry = 0
-        for query, calls in rows:
-            text = str(query)
-            if any(mark in text for mark in NOT_SERVER_STATEMENTS):
-                continue
-            server += int(calls)
-            if "expire_due" in text:
-                expiry += int(calls)
-            elif text.strip().lower() in ("select $1", "listen autodispatch_events"):
-                background += int(calls)
-        # Each expiry run is BEGIN, the query, COMMIT.
-        return server, background + 3 * expiry
+        return sum(
+            int(calls)
+            for query, calls in rows
+            if not any(mark in str(query) for mark in NOT_SERVER_STATEMENTS)
+            and not (background and all(mark in str(query) for mark in LOG_READ))
+        )
 
     # -- measurements ----------------------------------------------------------------------
     async def window(
@@ -217,32 +239,38 @@ class Bench:
         drain: float = 20.0,
     ) -> Window:
         assert self.gen is not None and self.writer is not None
-        w = Window(strategy, name, len(self.gen.open), rate)
-        server_cpu = CpuClock(lambda: [self.server.pid])
+        w = Window(strategy, name, len(self.gen.open), rate, gateways=len(self.gateways))
+        server_cpu = CpuClock(lambda: [server.pid for server in self.gateways])
         pg_cpu = CpuClock(self._postgres_pids)
         gen_cpu = CpuClock(self._generator_pids)
         writing = asyncio.create_task(self.writer.run(rate, warmup + seconds))
         await asyncio.sleep(warmup)
         await self.gen.reset()
-        m0 = await self.server.metrics(self.http)
+        m0 = await self._scrape()
         c0 = (server_cpu.seconds(), pg_cpu.seconds(), gen_cpu.seconds())
+        busy0 = machine_busy_seconds()
         t0 = time.monotonic()
         await writing
         t_written = time.monotonic()
         w.drain_seconds = await self._caught_up(drain)
-        m1 = await self.server.metrics(self.http)
+        m1 = await self._scrape()
         c1 = (server_cpu.seconds(), pg_cpu.seconds(), gen_cpu.seconds())
+        busy1 = machine_busy_seconds()
         wall = time.monotonic() - t0
         stats = await self.gen.collect()
         w.seconds = t_written - t0
         w.elapsed = wall
+        # Every gateway reads every event: count them on the first; the rest add up.
         w.events = int(
-            metric(m1, "autodispatch_realtime_events_read_total")
-            - metric(m0, "autodispatch_realtime_events_read_total")
+            metric(m1[0], "autodispatch_realtime_events_read_total")
+            - metric(m0[0], "autodispatch_realtime_events_read_total")
         )
         w.server_delivered = int(
-            metric(m1, "autodispatch_realtime_delivered_total")
-            - metric(m0, "autodispatch_realtime_delivered_total")
+            sum(
+                metric(after, "autodispatch_realtime_delivered_total")
+                - metric(before, "autodispatch_realtime_delivered_total")
+                for before, after in zip(m0, m1, strict=True)
+            )
         )
         w.received = stats["received"]
         w.p50_ms = percentile(stats["hist"], 0.50)
@@ -253,6 +281,7 @@ class Bench:
         w.server_cpu = CpuClock.percent(c0[0], c1[0], wall)
         w.postgres_cpu = CpuClock.percent(c0[1], c1[1], wall)
         w.generator_cpu = CpuClock.percent(c0[2], c1[2], wall)
+        w.machine_cpu = 100 * (busy1 - busy0) / wall
         w.disconnects = sum(stats["closed"].values())
         w.kept_up = w.drain_seconds is not None and w.drain_seconds <= self.options.keep_up_seconds
         w.within_limit = w.kept_up and w.p99_ms <= LATENCY_LIMIT * 1000 and not w.disconnects
@@ -260,8 +289,8 @@ class Bench:
         self.progress(
             f"{strategy} {name}: {w.subscribers} subscribers, {w.events_per_s:.0f} events/s,"
             f" {w.deliveries_per_s:.0f} deliveries/s, p50 {w.p50_ms:.1f} ms,"
-            f" p99 {w.p99_ms:.1f} ms, max {w.max_ms:.0f} ms, server CPU {w.server_cpu:.0f}%"
-            + ("" if w.kept_up else ", fell behind")
+            f" p99 {w.p99_ms:.1f} ms, max {w.max_ms:.0f} ms, server CPU {w.server_cpu:.0f}%,"
+            f" other processes {w.other_cpu:.0f}%" + ("" if w.kept_up else ", fell behind")
         )
         return w
 
@@ -280,14 +309,20 @@ class Bench:
         assert self.gen is not None and self.writer is not None
         await self._settle(strategy)
         s = StatementCount(strategy, len(self.gen.open))
+        seconds = self.options.statements_seconds
         if self.report.pg_stat_statements:
+            # What the server sends without events (its background jobs, the reader's
+            # timer), over as long as the writes will take: subtracted from the count.
+            await self._sql("select pg_stat_statements_reset()")
+            await asyncio.sleep(seconds)
+            s.pg_background = await self._pg_statements(background=True)
             await self._sql("select pg_stat_statements_reset()")
         m0 = await self.server.metrics(self.http)
-        await self.writer.run(self.options.statements_rate, self.options.statements_seconds)
+        await self.writer.run(self.options.statements_rate, seconds)
         await self._caught_up(5.0)
         m1 = await self.server.metrics(self.http)
         if self.report.pg_stat_statements:
-            s.pg_server, s.pg_background = await self._pg_statements()
+            s.pg_server = await self._pg_statements()
         s.events = int(
             metric(m1, "autodispatch_realtime_events_read_total")
             - metric(m0, "autodispatch_realtime_events_read_total")
@@ -335,10 +370,31 @@ class Bench:
         self.progress(f"keys: latency at {o.subscribers} subscribers, {o.rate:g} events/s")
         await self.window("keys", "latency", o.rate, o.duration, warmup=3.0, drain=60.0)
         await self._settle("keys")
+        if o.latency_gateways > 1:
+            await self.latency_on_gateways(o.latency_gateways)
         self.progress(f"keys: ramp from {o.ramp_start:g} events/s")
         await self.ramp("keys", o.ramp_start, o.ramp_factor, o.ramp_steps, o.step_seconds)
         await self._subscribe(100)
         await self.statements("keys")
+
+    async def latency_on_gateways(self, count: int) -> None:
+        """The latency figure again, the subscribers spread over ``count`` gateways."""
+        assert self.gen is not None
+        o = self.options
+        self.progress(f"keys: latency with {count} gateway processes")
+        await self._subscribe(0)
+        await self._add_gateways(count - 1)
+        self.gen.ports = [server.port for server in self.gateways]
+        try:
+            await self._subscribe(o.subscribers)
+            name = f"latency, {count} gateways"
+            await self.window("keys", name, o.rate, o.duration, warmup=3.0, drain=60.0)
+            await self._settle("keys")
+            await self._subscribe(0)
+        finally:
+            self.gen.ports = [self.server.port]
+            await self._remove_gateways()
+        await self._subscribe(o.subscribers)
 
     async def run_baseline(self) -> None:
         o = self.options
@@ -372,6 +428,7 @@ class Bench:
     async def close(self) -> None:
         if self.gen is not None:
             await asyncio.to_thread(self.gen.stop)
+        await self._remove_gateways()
         if self.writer is not None:
             await self.writer.stop()
         await self.http.aclose()

@@ -28,13 +28,15 @@ def _free_port() -> int:
 class ServeProcess:
     """``autodispatch serve`` in its own process, with a routing strategy."""
 
-    def __init__(self, home: Path, database_url: str | None) -> None:
+    def __init__(self, home: Path, database_url: str | None, name: str = "serve") -> None:
         self.home = home
         self.database_url = database_url
+        self.name = name  # of its log file
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.routing = ""
+        self.start_head = 0  # the log's head when it started
         self._log: Any = None
 
     def env(self, routing: str) -> dict[str, str]:
@@ -54,13 +56,14 @@ class ServeProcess:
         if profile is not None:
             command[1:1] = ["-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(profile)]
         self.routing = routing
-        self._log = (self.home / f"serve-{routing}.log").open("a")
+        log = self.home / f"{self.name}-{routing}.log"
+        self._log = log.open("a")
         self.proc = subprocess.Popen(
             command, env=self.env(routing), stdout=self._log, stderr=subprocess.STDOUT
         )
         for _ in range(1200):
             if self.proc.poll() is not None:
-                raise SystemExit(f"serve exited; see {self.home / f'serve-{routing}.log'}")
+                raise SystemExit(f"serve exited; see {log}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
                     return
@@ -135,6 +138,10 @@ NOT_SERVER_STATEMENTS = (
     "last_id from realtime.stream",
 )
 
+# The realtime reader's queries of the log (live reads and resumes; the web-push sender's
+# read of the log selects no old_record).
+LOG_READ = ("realtime.events", "old_record")
+
 # Purposes of autodispatch_realtime_db_statements_total that grow with events (the rest
 # are per join, per resume, or background): reading the log, the baseline's checks, and
 # the listener's statements (its liveness query).
@@ -161,19 +168,27 @@ class CpuClock:
         return 100 * used / wall if wall > 0 else float("nan")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used (all cores), to tell how much
+    of the machine was not ours during a measurement."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
 def server_percentile(
-    before: dict[tuple[str, tuple[Any, ...]], float],
-    after: dict[tuple[str, tuple[Any, ...]], float],
+    before: list[dict[tuple[str, tuple[Any, ...]], float]],
+    after: list[dict[tuple[str, tuple[Any, ...]], float]],
     q: float,
 ) -> float:
-    """The q-quantile (a bucket's upper bound, ms) of the server's commit-to-send histogram
-    between two scrapes."""
+    """The q-quantile (a bucket's upper bound, ms) of the gateways' commit-to-send
+    histograms between two scrapes of each."""
     name = "autodispatch_realtime_commit_to_send_seconds_bucket"
     counts: dict[float, float] = {}
-    for (n, labels), value in after.items():
-        if n == name:
-            le = float(dict(labels)["le"])
-            counts[le] = counts.get(le, 0.0) + value - before.get((n, labels), 0.0)
+    for first, last in zip(before, after, strict=True):
+        for (n, labels), value in last.items():
+            if n == name:
+                le = float(dict(labels)["le"])
+                counts[le] = counts.get(le, 0.0) + value - first.get((n, labels), 0.0)
     total = counts.get(float("inf"), 0.0)
     if not total:
         return float("nan")
