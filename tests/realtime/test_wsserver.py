@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -161,6 +161,27 @@ async def test_a_batch_of_events_is_written_once_per_connection() -> None:
     for transport in transports:
         assert len(transport.writes) == 1 + len(small)
         assert [i for w in transport.writes[1:] for i in event_ids(w)] == [e.id for e in small]
+
+
+async def test_the_reader_times_commit_to_read_for_every_event() -> None:
+    """Each event routed is observed once in autodispatch_realtime_commit_to_read_seconds,
+    from its commit time: an event committed 40 ms ago lands above the 25 ms bound."""
+    gw = gateway()
+    db: Any = None  # route_all reads nothing
+    reader = EventLogReader(db, gw.hub.router, gw.hub.metrics)
+    old = flag_event(1)
+    old.at = datetime.now(UTC) - timedelta(milliseconds=40)
+    old.at_ts = old.at.timestamp()
+    await reader.route_all([old, flag_event(2)])
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for metric in gw.hub.metrics.commit_to_read.collect()
+        for s in metric.samples
+    }
+    assert samples[("autodispatch_realtime_commit_to_read_seconds_count", None)] == 2
+    assert samples[("autodispatch_realtime_commit_to_read_seconds_bucket", "0.025")] == 1
+    assert samples[("autodispatch_realtime_commit_to_read_seconds_bucket", "+Inf")] == 2
+    assert samples[("autodispatch_realtime_commit_to_read_seconds_sum", None)] >= 0.04
 
 
 def event_ids(data: bytes) -> list[int]:

@@ -183,6 +183,7 @@ class EventLogReader:
             log.warning("event_log_gap", after=self.position, next=event.id)
         self.position = event.id
         self.metrics.events_read.inc()
+        self.metrics.commit_to_read.observe(max(time.time() - event.at_ts, 0.0))
 
     def _routed(self, event: Event, outcomes: Mapping[str, int], started: float) -> None:
         self.routed = event.id

@@ -12,6 +12,8 @@ from typing import Any
 
 import psutil
 
+from autodispatch.ops.bench_realtime.floor import Floor
+
 Progress = Callable[[str], None]
 
 LATENCY_LIMIT = 0.100  # a ramp step is "within the limit" when its p99 is at most this
@@ -84,6 +86,9 @@ class Window:
     max_ms: float = float("nan")
     server_p50_ms: float = float("nan")  # commit to written, the server's own histogram
     server_p99_ms: float = float("nan")  # (upper bounds of its buckets)
+    # Commit to the gateways' readers holding the event, mean over the events read
+    # (autodispatch_realtime_commit_to_read_seconds): the part before any fan-out.
+    read_ms: float = float("nan")
     server_cpu: float = float("nan")  # percent of one core
     postgres_cpu: float = float("nan")
     generator_cpu: float = float("nan")
@@ -155,6 +160,7 @@ class Report:
     statements: list[StatementCount] = field(default_factory=list)
     memory: list[Memory] = field(default_factory=list)
     pg_stat_statements: bool = False
+    floor: Floor | None = None  # the machine's floor for the biggest fan-out (floor.py)
     notes: list[str] = field(default_factory=list)
 
     def window(self, strategy: str, name: str) -> Window | None:

@@ -17,6 +17,7 @@ import psycopg
 
 from autodispatch.identity.tokens import TokenIssuer
 from autodispatch.ops.bench_realtime.clients import LoadGenerator, percentile, raise_fd_limit
+from autodispatch.ops.bench_realtime.floor import measure_floor
 from autodispatch.ops.bench_realtime.report import (
     LATENCY_LIMIT,
     Memory,
@@ -278,6 +279,17 @@ class Bench:
         w.max_ms = stats["max"] * 1000
         w.server_p50_ms = server_percentile(m0, m1, 0.50)
         w.server_p99_ms = server_percentile(m0, m1, 0.99)
+        read = "autodispatch_realtime_commit_to_read_seconds"
+        read_count = sum(
+            metric(a, f"{read}_count") - metric(b, f"{read}_count")
+            for b, a in zip(m0, m1, strict=True)
+        )
+        if read_count:
+            read_sum = sum(
+                metric(a, f"{read}_sum") - metric(b, f"{read}_sum")
+                for b, a in zip(m0, m1, strict=True)
+            )
+            w.read_ms = 1000 * read_sum / read_count
         w.server_cpu = CpuClock.percent(c0[0], c1[0], wall)
         w.postgres_cpu = CpuClock.percent(c0[1], c1[1], wall)
         w.generator_cpu = CpuClock.percent(c0[2], c1[2], wall)
@@ -342,6 +354,20 @@ class Bench:
             + (f", {pg:.2f} server statements/event (pg_stat_statements)" if pg is not None else "")
         )
 
+    async def floor(self) -> None:
+        """The machine's floor for the workload's biggest events: a general request
+        reaches every mechanic and admin subscribed (floor.py). Measured while the
+        subscribers stay connected and idle, as they are between events."""
+        assert self.gen is not None
+        pool = sum(1 for i in self.gen.open if self.members[i].kind != "customer")
+        self.progress(f"floor: bursts to {pool} loopback sockets, nothing else")
+        floor = await asyncio.to_thread(measure_floor, pool, processes=self.options.processes)
+        self.report.floor = floor
+        self.progress(
+            f"floor: median frame {floor.p50_ms:.1f} ms after its burst started, p99"
+            f" {floor.p99_ms:.1f} ms; a burst takes {floor.burst_ms:.1f} ms to write"
+        )
+
     async def memory(self, count: int) -> None:
         await asyncio.sleep(2.0)
         before = psutil.Process(self.server.pid).memory_info().rss
@@ -370,6 +396,7 @@ class Bench:
         self.progress(f"keys: latency at {o.subscribers} subscribers, {o.rate:g} events/s")
         await self.window("keys", "latency", o.rate, o.duration, warmup=3.0, drain=60.0)
         await self._settle("keys")
+        await self.floor()
         if o.latency_gateways > 1:
             await self.latency_on_gateways(o.latency_gateways)
         self.progress(f"keys: ramp from {o.ramp_start:g} events/s")
