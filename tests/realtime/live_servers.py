@@ -28,7 +28,15 @@ class RealtimeLiveServer(LiveServer):
     """``LiveServer`` with the realtime WebSocket served natively (``wire="native"``, as
     ``serve`` does) or through ASGI (``wire="asgi"``)."""
 
-    def __init__(self, db_url: str, tmp_path: Path, *, wire: str, **overrides: Any) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        tmp_path: Path,
+        *,
+        wire: str,
+        uvicorn_options: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -39,7 +47,12 @@ class RealtimeLiveServer(LiveServer):
         self.app = create_app(self.settings, db_url)
         ws: Any = protocol_for(self.app.state.gateway) if wire == NATIVE else "auto"
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", ws=ws
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            ws=ws,
+            **(uvicorn_options or {}),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -53,9 +66,15 @@ class RealtimeLiveServer(LiveServer):
 
 @asynccontextmanager
 async def serve_live(
-    db_url: str, tmp_path: Path, wire: str = NATIVE, **overrides: Any
+    db_url: str,
+    tmp_path: Path,
+    wire: str = NATIVE,
+    uvicorn_options: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[LiveWorld]:
-    server = RealtimeLiveServer(db_url, tmp_path, wire=wire, **overrides)
+    server = RealtimeLiveServer(
+        db_url, tmp_path, wire=wire, uvicorn_options=uvicorn_options, **overrides
+    )
     try:
         yield LiveWorld(server, db_url, {})
     finally:

@@ -24,7 +24,7 @@ import httpx
 import jwt
 import psycopg
 import pytest
-from live_servers import WIRES, serve_live
+from live_servers import NATIVE, WIRES, serve_live
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -328,6 +328,22 @@ async def test_subscribed_is_true_when_sent(live: LiveWorld) -> None:
             assert flag["table"] == "feature_flags" and flag["record"]["description"] == text
             assert queued["table"] == "session_assignments" and queued["record"]["id"] == aid
             assert type(flag["event_id"]) is int and queued["event_id"] > flag["event_id"]
+
+
+async def test_the_native_server_runs_on_uvloop_and_httptools(db_url: str, tmp_path: Path) -> None:
+    """uvicorn picks uvloop and httptools whenever they are installed (uvicorn[standard]):
+    the realtime WebSocket served on the socket must work on their transports too (they
+    are not asyncio.Transport subclasses): join, subscribed, a change delivered."""
+    options = {"loop": "uvloop", "http": "httptools"}
+    async with serve_live(db_url, tmp_path, NATIVE, uvicorn_options=options) as world:
+        mo = await world.make("mo", "mechanic")
+        async with raw_socket(world.server) as raw:
+            topic = "realtime:on-uvloop"
+            ok_response(await raw.join(topic, [FLAGS], token=mo.token))
+            await raw.wait_for("subscribed", lambda: raw.matching(topic, "system"))
+            await set_flag_description(world.db_url, "on uvloop")
+            (flag,) = await raw.wait_rows(topic, 1)
+            assert flag["record"]["description"] == "on uvloop"
 
 
 @pytest.mark.parametrize(
