@@ -113,7 +113,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     )
     services.metrics.registry.register(PoolCollector(db.pool.get_stats))
 
-    broker = Broker(db)
+    broker = Broker(db, alive_interval=settings.realtime_presence_interval)
     gateway = websocket.Gateway(
         realtime,
         broker,

@@ -24,6 +24,20 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _seconds(env: dict[str, str], name: str, default: float, *, most: float) -> float:
+    """A number of seconds, more than 0 and at most ``most``; ``default`` when unset."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not 0 < value <= most:  # also refuses nan and inf
+        raise SystemExit(f"{name} must be more than 0 and at most {most:g} seconds, not {raw!r}")
+    return value
+
+
 def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
     """A comma-separated list (spaces around items ignored); empty when unset."""
     return tuple(item.strip() for item in (env.get(name) or "").split(",") if item.strip())
@@ -55,6 +69,10 @@ class Settings:
     event_retention_seconds: int = 7 * 24 * 3600
     realtime_poll_interval: float = 0.25
     realtime_queue_size: int = 1000
+    # How often each process tells the others on the bus it is alive; one silent for three
+    # of its intervals has its presences dropped everywhere (realtime/broker.py). At most
+    # an hour: the other processes ignore presence from one that claims longer.
+    realtime_presence_interval: float = 5.0
     # "keys" (the visibility-key index) or "per_subscriber_sql": the hosted service's
     # method, one SQL query per subscriber per event, kept only as the baseline that
     # `autodispatch bench realtime` measures against (realtime/baseline.py).
@@ -87,6 +105,9 @@ class Settings:
                 env, "AUTODISPATCH_EVENT_RETENTION_SECONDS", 7 * 24 * 3600
             ),
             "realtime_queue_size": _int(env, "AUTODISPATCH_REALTIME_QUEUE_SIZE", 1000),
+            "realtime_presence_interval": _seconds(
+                env, "AUTODISPATCH_REALTIME_PRESENCE_INTERVAL", 5.0, most=3600
+            ),
             "realtime_routing": _choice(
                 env, "AUTODISPATCH_REALTIME_ROUTING", ("keys", "per_subscriber_sql")
             ),

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import secrets
 import sys
 import time
 from typing import Any, Protocol
@@ -152,6 +154,16 @@ class Gateway:
         self.batch = WriteBatch()
         hub.router.batching.append(self.batch)
         self._sweeper: asyncio.Task[None] | None = None
+        # Presence from every process meets in one presence_state, where clients tell
+        # entries apart by key and phx_ref: object ids and counters repeat between
+        # processes, 48 random bits per gateway practically never do.
+        self._id_prefix = secrets.token_urlsafe(6)
+        self._ids = itertools.count(1)
+
+    def unique_id(self) -> str:
+        """A short string (a default presence key, a phx_ref), unique in practice across
+        every gateway, in this process and in others."""
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     def add(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -219,7 +231,7 @@ class Channel:
         self.broadcast_self = config.broadcast_self
         self.broadcast_ack = config.broadcast_ack
         self.presence_enabled = config.presence_enabled
-        self.presence_key = config.presence_key or str(id(self))
+        self.presence_key = config.presence_key or conn.gateway.unique_id()
         self.presence_refs: set[str] | None = None
         # On a staff topic: (account type, display name) of the signed-in user.
         self.staff: tuple[str | None, str | None] | None = None
@@ -627,7 +639,7 @@ class Connection:
                 meta = {**(meta or {}), "user_id": channel.presence_key, "name": channel.staff[1]}
             for ref in list(channel.presence_refs or ()):  # one presence per channel
                 await broker.untrack(channel.topic, channel.presence_key, ref)
-            ref = f"{id(channel)}-{self.next_id()}"
+            ref = self.gateway.unique_id()
             channel.presence_refs = {ref}
             await broker.track(channel.topic, channel.presence_key, ref, meta or {})
         elif kind == "untrack":
