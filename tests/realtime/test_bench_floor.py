@@ -21,7 +21,7 @@ def test_the_p50_verdict_states_the_floor_and_is_judged_on_the_measure_alone() -
     """The figure says what the machine allows (commit-to-read plus the floor's burst
     median); the verdict stays the measured p50 against 5 ms."""
     report = Report(machine="m", date="d", options=RealtimeOptions(), generator_processes=2)
-    window = Window("keys", "latency", 1000, 100.0, p50_ms=6.0, p99_ms=20.0, read_ms=1.5)
+    window = Window("keys", "latency", 1000, 100.0, p50_ms=6.0, p99_ms=20.0, read_p50_ms=1.5)
     report.windows.append(window)
     report.floor = Floor(
         recipients=600, bursts=150, frames=90_000, p50_ms=4.0, p99_ms=9.0, burst_ms=6.0

@@ -23,9 +23,9 @@ def verdicts(report: Report) -> list[Verdict]:
         if lat.gateways > 1:
             where += f", {lat.gateways} gateway processes"
         figure = f"{lat.p50_ms:,.1f} ms"
-        if report.floor is not None and lat.read_ms == lat.read_ms:
+        if report.floor is not None and lat.read_p50_ms == lat.read_p50_ms:
             # What no gateway could beat here: commit to read, then the burst alone.
-            floor = lat.read_ms + report.floor.p50_ms
+            floor = lat.read_p50_ms + report.floor.p50_ms
             figure += f" (machine floor ~{floor:,.1f} ms)"
         found.append(Verdict(f"p50 < 5 ms ({where})", figure, lat.p50_ms < 5))
         found.append(Verdict(f"p99 < 50 ms ({where})", f"{lat.p99_ms:,.1f} ms", lat.p99_ms < 50))
@@ -114,7 +114,7 @@ def _windows_table(title: str, windows: list[Window]) -> Any:
         "p99 ms",
         "max ms",
         "server p99 ms",
-        "read ms",
+        "read p50 ms",
         "CPU % serve/PG/load/other",
     ):
         table.add_column(col, justify="right")
@@ -132,7 +132,7 @@ def _windows_table(title: str, windows: list[Window]) -> Any:
             _ms(w.p99_ms),
             _ms(w.max_ms),
             "> 5,000" if w.server_p99_ms == float("inf") else "<= " + _ms(w.server_p99_ms),
-            _ms(w.read_ms),
+            _ms(w.read_p50_ms),
             _cpu(w),
             _result(w),
         )
@@ -167,8 +167,9 @@ def render(report: Report, console: Any) -> None:
             f" send of a prebuilt 2 KB frame per loopback socket, nothing else; "
             f"{f.bursts} bursts, {f.frames:,} frames): the median frame lands"
             f" {f.p50_ms:.1f} ms after its burst starts, p99 {f.p99_ms:.1f} ms; a burst"
-            f' takes {f.burst_ms:.1f} ms to write. "read ms" is commit to the gateway'
-            " holding the event (mean), before any fan-out."
+            f' takes {f.burst_ms:.1f} ms to write. "read p50 ms" is commit to the gateway'
+            " holding the event (median, a bucket's upper bound), before any fan-out;"
+            " the p50 verdict's floor is the two added."
         )
     ramp = [w for w in report.windows if w.name.startswith("ramp")]
     console.print(

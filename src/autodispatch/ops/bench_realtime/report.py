@@ -86,9 +86,10 @@ class Window:
     max_ms: float = float("nan")
     server_p50_ms: float = float("nan")  # commit to written, the server's own histogram
     server_p99_ms: float = float("nan")  # (upper bounds of its buckets)
-    # Commit to the gateways' readers holding the event, mean over the events read
-    # (autodispatch_realtime_commit_to_read_seconds): the part before any fan-out.
-    read_ms: float = float("nan")
+    # Commit to the gateways' readers holding the event, median over the events read
+    # (autodispatch_realtime_commit_to_read_seconds, a bucket's upper bound): the part
+    # before any fan-out, with the wait behind the routing of earlier events.
+    read_p50_ms: float = float("nan")
     server_cpu: float = float("nan")  # percent of one core
     postgres_cpu: float = float("nan")
     generator_cpu: float = float("nan")

@@ -280,16 +280,7 @@ class Bench:
         w.server_p50_ms = server_percentile(m0, m1, 0.50)
         w.server_p99_ms = server_percentile(m0, m1, 0.99)
         read = "autodispatch_realtime_commit_to_read_seconds"
-        read_count = sum(
-            metric(a, f"{read}_count") - metric(b, f"{read}_count")
-            for b, a in zip(m0, m1, strict=True)
-        )
-        if read_count:
-            read_sum = sum(
-                metric(a, f"{read}_sum") - metric(b, f"{read}_sum")
-                for b, a in zip(m0, m1, strict=True)
-            )
-            w.read_ms = 1000 * read_sum / read_count
+        w.read_p50_ms = server_percentile(m0, m1, 0.50, read)
         w.server_cpu = CpuClock.percent(c0[0], c1[0], wall)
         w.postgres_cpu = CpuClock.percent(c0[1], c1[1], wall)
         w.generator_cpu = CpuClock.percent(c0[2], c1[2], wall)

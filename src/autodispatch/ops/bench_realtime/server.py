@@ -179,10 +179,11 @@ def server_percentile(
     before: list[dict[tuple[str, tuple[Any, ...]], float]],
     after: list[dict[tuple[str, tuple[Any, ...]], float]],
     q: float,
+    histogram: str = "autodispatch_realtime_commit_to_send_seconds",
 ) -> float:
-    """The q-quantile (a bucket's upper bound, ms) of the gateways' commit-to-send
-    histograms between two scrapes of each."""
-    name = "autodispatch_realtime_commit_to_send_seconds_bucket"
+    """The q-quantile (a bucket's upper bound, ms) of the gateways' histogram (by
+    default commit-to-send) between two scrapes of each."""
+    name = f"{histogram}_bucket"
     counts: dict[float, float] = {}
     for first, last in zip(before, after, strict=True):
         for (n, labels), value in last.items():
