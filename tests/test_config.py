@@ -51,3 +51,29 @@ def test_the_app_gives_the_presence_interval_to_its_broker(tmp_path: Path) -> No
     settings = make_settings(tmp_path, realtime_presence_interval=0.75)
     app = create_app(settings, "postgresql://nowhere.invalid/none")
     assert app.state.gateway.broker.alive_interval == 0.75
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AUTODISPATCH_REALTIME_QUEUE_SIZE",
+        "AUTODISPATCH_DB_POOL_MAX",
+        "AUTODISPATCH_REQUEST_TTL_SECONDS",
+        "AUTODISPATCH_ACCESS_TOKEN_TTL",
+        "AUTODISPATCH_EVENT_RETENTION_SECONDS",
+    ],
+)
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [("0", "must be at least 1, not '0'"), ("-5", "must be at least 1, not '-5'"),
+     ("ten", "must be a whole number, not 'ten'")],
+)  # fmt: skip
+def test_counts_and_durations_below_one_are_refused_saying_why(
+    name: str, raw: str, why: str
+) -> None:
+    """A queue of 0 frames would close every subscriber as a slow consumer, a pool of 0
+    would answer nothing: such values stop the start with the setting's name and value."""
+    with pytest.raises(SystemExit) as refused:
+        Settings.from_env({name: raw}, home=Path("/tmp"))
+    assert str(refused.value) == f"{name} {why}"
+    Settings.from_env({name: "7"}, home=Path("/tmp"))  # 1 and above are taken

@@ -15,13 +15,19 @@ def default_home() -> Path:
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
+    """A whole number of at least 1 (every count and duration here); ``default`` when
+    unset. 0 would not mean "off": a queue of 0 frames closes every subscriber, a pool of
+    0 connections answers nothing."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be a whole number, not {raw!r}") from None
+    if value < 1:
+        raise SystemExit(f"{name} must be at least 1, not {raw!r}")
+    return value
 
 
 def _seconds(env: dict[str, str], name: str, default: float, *, most: float) -> float:
