@@ -173,7 +173,13 @@ class Broker:
         joins = {key: {ref: entry}}
         async with self._gate.diff():
             if not self._departed:
-                await self._publish(_presence_diff(topic, joins, {}))
+                try:
+                    await self._publish(_presence_diff(topic, joins, {}))
+                except BaseException:
+                    # Cancelled or failed, the join may still have committed: the next
+                    # alive republishes our snapshot, which does not hold it.
+                    self._unpublished = True
+                    raise
             self._change(self.origin, topic, joins, {})
 
     async def untrack(self, topic: str, key: str, ref: str) -> None:
@@ -187,8 +193,12 @@ class Broker:
             self._change(self.origin, topic, {}, leaves)
             if self._departed:
                 return
-            if not await self._try_publish(_presence_diff(topic, {}, leaves)):
-                self._unpublished = True
+            published = False
+            try:
+                published = await self._try_publish(_presence_diff(topic, {}, leaves))
+            finally:  # also when cancelled (a connection closing): repaired by a snapshot
+                if not published:
+                    self._unpublished = True
 
     def _change(self, origin: str, topic: str, joins: Keys, leaves: Keys) -> None:
         topics = self.presence.setdefault(origin, {})
@@ -420,7 +430,15 @@ class Broker:
         while not self._stop.is_set():
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self.db.url, autocommit=True, application_name=LISTENER_NAME + self.origin
+                    self.db.url,
+                    autocommit=True,
+                    application_name=LISTENER_NAME + self.origin,
+                    # A half-open connection (failover, partition) is noticed in about
+                    # 20 s rather than whenever the kernel gives up on it.
+                    keepalives=1,
+                    keepalives_idle=5,
+                    keepalives_interval=5,
+                    keepalives_count=3,
                 )
                 async with conn:
                     await conn.execute(f"listen {BUS_CHANNEL}")
@@ -432,6 +450,10 @@ class Broker:
             except (psycopg.Error, OSError) as exc:
                 self.ready.clear()
                 log.warning("bus_listen_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+            except Exception:  # a bug must not end the listener for good: log, listen again
+                self.ready.clear()
+                log.exception("bus_listen_crashed")
                 await asyncio.sleep(1.0)
         self.ready.clear()
 

@@ -641,7 +641,15 @@ class Connection:
                 await broker.untrack(channel.topic, channel.presence_key, ref)
             ref = self.gateway.unique_id()
             channel.presence_refs = {ref}
-            await broker.track(channel.topic, channel.presence_key, ref, meta or {})
+            try:
+                await broker.track(channel.topic, channel.presence_key, ref, meta or {})
+            except PayloadTooLarge as exc:
+                channel.presence_refs = None
+                self.refuse(msg, "PayloadTooLarge", str(exc))
+                return
+            if self.channels.get(channel.topic) is not channel:
+                # Left (or expired) while the track was on its way: nobody would untrack it.
+                await broker.untrack(channel.topic, channel.presence_key, ref)
         elif kind == "untrack":
             for ref in list(channel.presence_refs or ()):
                 await broker.untrack(channel.topic, channel.presence_key, ref)
