@@ -692,6 +692,32 @@ async def test_a_broadcast_too_big_for_the_bus_is_refused_and_reaches_nobody(
         ]
 
 
+async def test_a_presence_too_big_for_the_bus_is_refused_and_never_listed(
+    live: LiveWorld,
+) -> None:
+    """A track whose meta cannot travel between servers is refused with PayloadTooLarge
+    (not an internal error), and is listed nowhere; a small track afterwards is."""
+    async with raw_socket(live.server) as tracker, raw_socket(live.server) as watcher:
+        ok_response(await tracker.join("realtime:room", presence=True))
+        ok_response(await watcher.join("realtime:room", presence=True))
+        big = {"type": "presence", "event": "track", "payload": {"blob": "x" * 20_000}}
+        ref = await tracker.push("realtime:room", "presence", big)
+        assert error_reason(await tracker.reply("realtime:room", ref)).startswith(
+            "PayloadTooLarge: "
+        )
+        small = {"type": "presence", "event": "track", "payload": {"size": "small"}}
+        ref = await tracker.push("realtime:room", "presence", small)
+        ok_response(await tracker.reply("realtime:room", ref))
+        diffs = await watcher.wait_for(
+            "the small track's diff",
+            lambda: [m for m in watcher.matching("realtime:room", "presence_diff")
+                     if m.payload["joins"]],
+        )  # fmt: skip
+        metas = [meta for d in diffs for e in d.payload["joins"].values() for meta in e["metas"]]
+        assert [meta.get("size") for meta in metas] == ["small"]
+        assert not any("blob" in meta for meta in metas)
+
+
 # --- slow consumers ---------------------------------------------------------------------
 
 
