@@ -10,8 +10,10 @@ that went silent (no task per connection).
 Row events come from the hub's router through ``Channel.offer``: a recipient's frame is
 built once per event for every recipient on the same wire, topic, binding ids and vsn
 (most recipients of one event share it byte for byte). The join reply goes out before
-any row event, and "Subscribed to PostgreSQL" only once the subscription is registered
-(and any resume replayed), so it is true when sent.
+any row event, and "Subscribed to PostgreSQL" only once the subscription is registered,
+so it is true when sent: a change committed after it is delivered. A resume's missed
+events follow it, replayed page by page as the client reads (``Hub.catch_up``), then
+what committed meanwhile, then live events.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ EXPIRED = "sign in again and send a new access_token"
 # Topics only mechanics and admins may join; presence there is listed under the signed-in
 # user's id and name (the admin page's "mechanics online"), never under what a client says.
 STAFF_TOPICS = frozenset({"realtime:mechanics-online"})
+# Why a channel (not its socket) is closed, as the `system` message before phx_close says.
+CHANNEL_CLOSE_MESSAGES = {
+    "resync_required": "ResyncRequired: the events after your cursor are no longer all kept;"
+    " reload your data, then join without autodispatch_resume_from",
+    "replay_failed": "ReplayFailed: the server could not read what you missed; join again"
+    " with the same autodispatch_resume_from",
+}
 
 
 class Limits:
@@ -267,7 +276,18 @@ class Channel:
         return await self.conn.wire.write_wait(frame, event, timeout)
 
     def close(self, reason: str) -> None:
-        self.conn.close(reason)
+        """The router or the hub gives up on this channel's subscription. A slow consumer
+        closes the socket (its cursor is exact; it resumes); a channel whose history is
+        gone, or whose replay failed, is told so and closed alone (the client rejoins:
+        with its cursor after a failed replay, afresh after ``ResyncRequired``)."""
+        message = CHANNEL_CLOSE_MESSAGES.get(reason)
+        if message is None:
+            self.conn.close(reason)
+            return
+        conn = self.conn
+        if conn.channels.get(self.topic) is self and conn.closing is None:
+            conn.send(p.system_error(self.topic, "postgres_changes", message))
+            conn.spawn(conn.leave(self, close=True))
 
     async def open(self, timeout: float) -> None:
         """After the join reply: release the frames held meanwhile (a resume's replay, and
@@ -579,6 +599,11 @@ class Connection:
         await channel.open(gateway.limits.slow_consumer_seconds)
         if config.presence_enabled:
             self.send(p.presence_state(msg.topic, gateway.broker.presence_state(msg.topic)))
+        if channel.subscription is not None and channel.subscription.buffering:
+            # A resume: what was missed goes out as the client reads it, page by page
+            # (never the whole backlog in memory), while this socket's other messages
+            # are handled.
+            self.spawn(hub.catch_up(channel.subscription))
 
     async def leave(self, channel: Channel, *, close: bool) -> None:
         self.channels.pop(channel.topic, None)

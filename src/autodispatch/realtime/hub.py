@@ -1,9 +1,11 @@
 """The realtime service of one process: the reader, the router, subscriptions, resume.
 
 Transports (SSE, the Supabase WebSocket) call ``subscribe`` with the principal's keys
-and bindings and a sink; the hub registers the subscription in the router, replays
-from the log first when the client resumes from a cursor, and only then returns, so a
-transport that says "subscribed" afterwards is telling the truth.
+and bindings and a sink; the hub registers the subscription in the router before it
+returns, so a transport that says "subscribed" afterwards is telling the truth. A client
+resuming from a cursor is then sent what it missed by ``catch_up``, which the transport
+runs once it is writing to the client: the replay waits for room as the client reads, so
+a backlog of any size arrives, in order, once, followed by what committed meanwhile.
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ class RealtimeSettings:
     prune_interval: float = 3600.0
     queue_size: int = 1000
     routing: str = "keys"  # one of ROUTING_STRATEGIES
+    replay_page: int = 1000  # events read per statement when a subscriber resumes
+
+
+def _pruned(cursor: int, pruned_through: int) -> str:
+    return (
+        f"events after {cursor} were pruned (kept: after {pruned_through});"
+        " reload your data, then subscribe without a cursor"
+    )
 
 
 class Hub:
@@ -74,6 +84,7 @@ class Hub:
                 db, self.router, metrics, lambda: self.reader.slow_consumer_seconds
             )
             self.reader.route_async = baseline.route
+        self.reader.on_gap = self._resync_everyone
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
@@ -118,7 +129,10 @@ class Hub:
         transport: str,
         resume_from: int | None = None,
     ) -> Subscription:
-        """Register a subscription; replay from ``resume_from`` first when given."""
+        """Register a subscription. A cursor is checked here (``ResyncRequired`` before
+        anything is registered); the events after it are sent by ``catch_up``, which the
+        transport runs once its client is reading: a backlog larger than the queue then
+        drains as the client reads, instead of filling a queue nobody empties yet."""
         sub = Subscription(keys=keys, bindings=bindings, sink=sink, transport=transport)
         if resume_from is None:
             sub.cursor = self.reader.position
@@ -127,31 +141,46 @@ class Hub:
             return sub
         last_id, pruned_through = await self.reader.head()
         if resume_from < pruned_through:
-            raise ResyncRequired(
-                f"events after {resume_from} were pruned (kept: after {pruned_through});"
-                " reload your data, then subscribe without a cursor"
-            )
+            raise ResyncRequired(_pruned(resume_from, pruned_through))
         if resume_from > last_id:
             raise ResyncRequired(
                 f"cursor {resume_from} is ahead of this log (last event {last_id});"
                 " it belongs to another database: reload and subscribe without a cursor"
             )
         sub.cursor = resume_from
-        sub.buffering = True
+        sub.buffering = True  # live events wait in sub.buffer until catch_up has replayed
         self.router.add(sub)
         self.metrics.subscribers.labels(transport).inc()
-        try:
-            await self._replay(sub, resume_from)
-        except BaseException:
-            self.unsubscribe(sub)
-            raise
-        self.metrics.count(
-            await self.router.finish_replay_wait(sub, self.reader.slow_consumer_seconds),
-            transport,
-        )
         return sub
 
-    async def _replay(self, sub: Subscription, after: int) -> None:
+    async def catch_up(self, sub: Subscription) -> None:
+        """Send a resuming subscription what it missed, then what arrived meanwhile, in
+        order and once each; then it is live. Waits for room as the client reads (a
+        client that stops reading is closed as a slow consumer). When the log is pruned
+        past the cursor during the replay, the sink is closed with ``resync_required``:
+        a partial history is never sent as a whole one."""
+        if not sub.buffering:
+            return
+        try:
+            complete = await self._replay(sub, sub.cursor)
+        except ResyncRequired:
+            sub.sink.close("resync_required")
+            complete = False
+        except Exception as exc:  # the client resumes from its cursor, nothing is lost
+            log.warning("resume_replay_failed", error=str(exc), cursor=sub.cursor)
+            sub.sink.close("replay_failed")
+            complete = False
+        if not complete:
+            self.unsubscribe(sub)
+            return
+        self.metrics.count(
+            await self.router.finish_replay_wait(sub, self.reader.slow_consumer_seconds),
+            sub.transport,
+        )
+
+    async def _replay(self, sub: Subscription, after: int) -> bool:
+        """Replay the log after ``after`` page by page; False when the sink closed."""
+        page = self.settings.replay_page
         while True:
             async with self.db.as_service() as tx:
                 rows = await tx.all(
@@ -160,22 +189,34 @@ class Hub:
                         "after": after,
                         "tables": sorted(sub.tables),
                         "keys": sorted(sub.keys),
-                        "limit": 1000,
+                        "limit": page,
                     },
                 )
             self.metrics.statements("replay", TX_STATEMENTS)
-            for row in rows:
-                # Waits for room: a backlog larger than the queue still arrives in full.
+            pruned_through = int(rows[0]["pruned_through"])
+            if after < pruned_through:
+                raise ResyncRequired(_pruned(after, pruned_through))
+            events = [Event.from_row(row) for row in rows if row["id"] is not None]
+            for event in events:
                 outcome = await self.router.deliver_wait(
-                    sub, Event.from_row(row), self.reader.slow_consumer_seconds
+                    sub, event, self.reader.slow_consumer_seconds
                 )
                 if outcome == "slow_consumer":
-                    return
+                    return False
                 if outcome not in ("delivered", "duplicate"):
                     self.metrics.count({outcome: 1}, sub.transport)
-            if len(rows) < 1000:
-                return
-            after = rows[-1]["id"]
+            if len(events) < page:
+                return True
+            after = events[-1].id
+
+    def _resync_everyone(self, last_read: int, next_read: int) -> None:
+        """Events between these ids are gone before this reader routed them: no
+        subscriber's history is whole any more. Each is closed with ``resync_required``
+        and resumes from its cursor, which the resume then refuses if it is pruned."""
+        log.warning("subscribers_told_to_resync", after=last_read, next=next_read)
+        for sub in list(self.router.subscriptions):
+            self.unsubscribe(sub)
+            sub.sink.close("resync_required")
 
     def unsubscribe(self, sub: Subscription) -> None:
         if sub in self.router.subscriptions:

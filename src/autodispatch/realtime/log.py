@@ -63,6 +63,8 @@ class EventLogReader:
         # baseline of `autodispatch bench realtime`, realtime/baseline.py). None: route
         # with the router's in-memory key index, without awaiting anything.
         self.route_async: AsyncRoute | None = None
+        # Called with (last id read, next id read) when the log has a hole (see _advance).
+        self.on_gap: Callable[[int, int], None] | None = None
 
     async def head(self) -> tuple[int, int]:
         async with self.db.as_service() as tx:
@@ -179,8 +181,12 @@ class EventLogReader:
     def _advance(self, event: Event) -> None:
         if event.id != self.position + 1 and self.position:
             # Ids are contiguous among committed events; a hole means pruning raced us.
+            # Nobody can tell whom the lost events were for: every subscriber is told
+            # to re-sync (``on_gap``) rather than left with a history it thinks whole.
             self.metrics.not_delivered.labels("log_gap").inc(event.id - self.position - 1)
             log.warning("event_log_gap", after=self.position, next=event.id)
+            if self.on_gap is not None:
+                self.on_gap(self.position, event.id)
         self.position = event.id
         self.metrics.events_read.inc()
         self.metrics.commit_to_read.observe(max(time.time() - event.at_ts, 0.0))

@@ -37,6 +37,10 @@ CLOSE_MESSAGES = {
     "token_expired": "Token has expired: sign in again, then resume with Last-Event-ID",
     "slow_consumer": "SlowConsumer: you fell behind; resume with Last-Event-ID",
     "shutdown": "ServerShutdown: reconnect and resume with Last-Event-ID",
+    "resync_required": "ResyncRequired: the events after your cursor are no longer all kept;"
+    " reload your data, then subscribe without Last-Event-ID",
+    "replay_failed": "ReplayFailed: the server could not read what you missed;"
+    " resume with Last-Event-ID",
 }
 
 
@@ -99,8 +103,11 @@ async def sse(
 
     async def stream() -> AsyncIterator[bytes]:
         reason = "client_closed"
+        catching_up: asyncio.Task[None] | None = None
         try:
             yield f'retry: 2000\nevent: subscribed\ndata: {{"cursor": {sub.cursor}}}\n\n'.encode()
+            # What the client missed is replayed while this loop drains the queue.
+            catching_up = asyncio.create_task(realtime.catch_up(sub), name="sse-catch-up")
             while True:
                 try:
                     event, frame = await asyncio.wait_for(sink.queue.get(), KEEPALIVE_SECONDS)
@@ -116,6 +123,8 @@ async def sse(
                 if event is not None:
                     sent(event)
         finally:
+            if catching_up is not None and not catching_up.done():
+                catching_up.cancel()
             realtime.unsubscribe(sub)
             metrics.disconnects.labels("sse", reason).inc()
 

@@ -11,14 +11,23 @@ order by id
 limit %(limit)s;
 
 -- name: events_for_keys_after
--- A resume: the events one principal may see, after its cursor, for some tables.
-select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys, old_keys
-from realtime.events
-where id > %(after)s
-  and table_name = any(%(tables)s)
-  and (new_keys && %(keys)s or old_keys && %(keys)s)
-order by id
-limit %(limit)s;
+-- A resume: the events one principal may see, after its cursor, for some tables; and,
+-- from the same snapshot (one statement), the pruned horizon. When the horizon has passed
+-- the cursor, a prune committed during the resume and this page may have lost events:
+-- the caller must not use it. With no event to return, one row of nulls carries it.
+select s.pruned_through, e.*
+from realtime.stream s
+left join lateral (
+  select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys, old_keys
+  from realtime.events
+  where id > %(after)s
+    and table_name = any(%(tables)s)
+    and (new_keys && %(keys)s or old_keys && %(keys)s)
+  order by id
+  limit %(limit)s
+) e on true
+where s.id = 1
+order by e.id;
 
 -- name: event_by_id
 select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys, old_keys
