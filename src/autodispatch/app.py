@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import psycopg
 import structlog
 from fastapi import FastAPI
 
@@ -27,6 +26,7 @@ from autodispatch.api.deps import Services
 from autodispatch.api.observability import ObserveRequests, PoolCollector
 from autodispatch.api.push_keys import VapidKeys
 from autodispatch.api.push_sender import PushSender
+from autodispatch.background import Loops
 from autodispatch.config import Settings
 from autodispatch.db import migrate
 from autodispatch.db.database import Database
@@ -42,33 +42,41 @@ from autodispatch.web import pages
 log = structlog.get_logger("autodispatch")
 
 
-async def run_expiry(services: Services, stop: asyncio.Event) -> None:
-    """Return expired offers to the queue and expire requests nobody took, about every 0.5 s.
+async def expire_once(services: Services) -> None:
+    """Return expired offers to the queue and expire requests nobody took (one run)."""
+    try:
+        async with services.db.as_service() as tx:
+            row = await tx.one(
+                "expire_due", {"request_ttl_seconds": services.settings.request_ttl_seconds}
+            )
+        assert row is not None
+    except Exception:
+        services.metrics.expiry_runs.labels("error").inc()
+        raise
+    services.metrics.expiry_runs.labels("ok").inc()
+    if row["offers_returned"]:
+        services.metrics.expired.labels("offer").inc(row["offers_returned"])
+        log.info("offers_returned_to_queue", count=row["offers_returned"])
+    if row["requests_expired"]:
+        services.metrics.expired.labels("request").inc(row["requests_expired"])
+        log.info("requests_expired", count=row["requests_expired"])
+
+
+async def run_expiry(services: Services, loops: Loops, stop: asyncio.Event) -> None:
+    """Run ``expire_once`` about every ``expiry_interval_seconds`` until ``stop``.
 
     The expiry times live in the database, so this picks up where it left off after a
-    restart; several servers may run it at once (rows are locked with SKIP LOCKED).
+    restart; several servers may run it at once (rows are locked with SKIP LOCKED). Any
+    failure is logged (``expiry_failed``) and counted, and the next run retries; the
+    accept and queue reads do not rely on it (an offer past its expiry is queued there).
     """
-    interval = services.settings.expiry_interval_seconds
-    while not stop.is_set():
-        try:
-            async with services.db.as_service() as tx:
-                row = await tx.one(
-                    "expire_due", {"request_ttl_seconds": services.settings.request_ttl_seconds}
-                )
-            assert row is not None
-            services.metrics.expiry_runs.labels("ok").inc()
-            if row["offers_returned"]:
-                services.metrics.expired.labels("offer").inc(row["offers_returned"])
-                log.info("offers_returned_to_queue", count=row["offers_returned"])
-            if row["requests_expired"]:
-                services.metrics.expired.labels("request").inc(row["requests_expired"])
-                log.info("requests_expired", count=row["requests_expired"])
-        except (psycopg.Error, OSError) as exc:
-            # Counted and logged; the next run retries (a deadlock or a lost connection).
-            services.metrics.expiry_runs.labels("error").inc()
-            log.warning("expiry_failed", error=str(exc))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+    await loops.run_forever(
+        "expiry",
+        lambda: expire_once(services),
+        interval=services.settings.expiry_interval_seconds,
+        stop=stop,
+        event="expiry_failed",
+    )
 
 
 def create_app(settings: Settings, database_url: str) -> FastAPI:
@@ -84,6 +92,8 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         expected_revision=migrate.head(),
     )
 
+    loops = Loops(services.metrics.registry)  # every background loop reports here (/readyz)
+
     realtime = Hub(
         db,
         RealtimeMetrics(services.metrics.registry),
@@ -93,6 +103,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             queue_size=settings.realtime_queue_size,
             routing=settings.realtime_routing,  # "keys" unless benchmarking the baseline
         ),
+        loops,
     )
 
     pusher = PushSender(
@@ -101,6 +112,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         VapidKeys.load(settings),
         request_ttl_seconds=settings.request_ttl_seconds,
         allowed_hosts=settings.push_allowed_hosts,
+        loops=loops,
     )
 
     # Each process records itself for `autodispatch audit` and measures dispatch health.
@@ -110,10 +122,11 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
         position=lambda: realtime.reader.routed,
         subscribers=lambda: len(realtime.router.subscriptions),
         request_ttl_seconds=settings.request_ttl_seconds,
+        loops=loops,
     )
     services.metrics.registry.register(PoolCollector(db.pool.get_stats))
 
-    broker = Broker(db, alive_interval=settings.realtime_presence_interval)
+    broker = Broker(db, alive_interval=settings.realtime_presence_interval, loops=loops)
     gateway = websocket.Gateway(
         realtime,
         broker,
@@ -125,7 +138,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await db.open()
         stop = asyncio.Event()
-        expiry = asyncio.create_task(run_expiry(services, stop), name="expiry")
+        expiry = asyncio.create_task(run_expiry(services, loops, stop), name="expiry")
         pushes = asyncio.create_task(pusher.run(stop), name="web-push")
         await realtime.start()
         await broker.start()
@@ -154,6 +167,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
     app.state.gateway = gateway
     app.state.log_reader = realtime.reader  # /readyz: is it caught up?
     app.state.heartbeat = heartbeat
+    app.state.loops = loops  # /readyz: has every background loop run lately?
     app.state.push = pusher
     errors.install(app)
     for module in (

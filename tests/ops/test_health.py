@@ -23,13 +23,14 @@ from conftest import World
 
 
 async def test_readyz_is_ready_when_every_check_passes(world: World) -> None:
-    """The database answers, it is at head, the log reader is caught up."""
+    """The database answers, it is at head, the log reader is caught up, every background
+    loop completed a run lately."""
     r = await world.client.get("/readyz")
     assert r.status_code == 200, r.text
     assert r.json() == {
         "status": "ready",
         "reasons": [],
-        "checks": {"database": "ok", "migrations": "ok", "realtime": "ok"},
+        "checks": {"database": "ok", "migrations": "ok", "realtime": "ok", "background": "ok"},
     }
 
 
@@ -83,8 +84,8 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_cover_http_routes_the_pool_and_dispatch_health(world: World) -> None:
-    """Requests are counted and timed by route template and status; the pool's statistics
-    and the heartbeat's dispatch health are exposed."""
+    """Requests are counted and timed by route template and status; the pool's statistics,
+    the heartbeat's dispatch health and the background loops' last runs are exposed."""
     created = await world.request()
     sid = created["session"]["id"]
     for _ in range(2):
@@ -115,6 +116,10 @@ async def test_metrics_cover_http_routes_the_pool_and_dispatch_health(world: Wor
     assert metric(text, "autodispatch_offers_past_expiry") == 0
     assert metric(text, "autodispatch_requests_past_ttl") == 0
     assert metric(text, "autodispatch_realtime_unrouted_age_seconds") >= 0
+    for loop in ("expiry", "web-push", "gateway-heartbeat", "realtime-bus"):
+        assert metric(
+            text, "autodispatch_background_loop_last_success_timestamp_seconds", loop=loop
+        )
 
 
 @pytest.fixture
@@ -288,3 +293,163 @@ async def test_the_live_gateways_gauge_and_the_audit_agree(world: World) -> None
         ("b", False),
     ]
     assert metric(text, "autodispatch_gateways_live") == sum(g["live"] for g in gateways) == 2
+
+
+async def wait_until(condition: Any, seconds: float = 10.0) -> None:
+    """Poll ``condition`` (a coroutine function) until it is true, or fail."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not true within {seconds} s: {condition.__doc__}")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_background_loop_survives_any_error_and_says_when_it_stopped_working(
+    log_lines: io.StringIO,
+) -> None:
+    """An iteration that raises our error, a bug or a lost connection is logged (a bug with
+    its traceback) and counted, the loop goes on; while it fails for longer than its
+    threshold it is stale, and a run that completes makes it fresh again."""
+    import psycopg
+    from prometheus_client import CollectorRegistry
+
+    from autodispatch.background import Loops
+    from autodispatch.domain.errors import Conflict
+
+    registry = CollectorRegistry()
+    loops = Loops(registry)
+    failures: list[Exception] = [
+        Conflict("refused by the database", code="some_code"),
+        RuntimeError("a bug"),
+        psycopg.OperationalError("connection lost"),
+    ]
+    failing = True
+    calls = 0
+
+    async def iteration() -> None:
+        nonlocal calls
+        calls += 1
+        if failing:
+            raise failures[(calls - 1) % len(failures)]
+
+    def errors() -> float:
+        return (
+            registry.get_sample_value(
+                "autodispatch_background_loop_errors_total", {"loop": "test-loop"}
+            )
+            or 0.0
+        )
+
+    def last_success() -> float | None:
+        return registry.get_sample_value(
+            "autodispatch_background_loop_last_success_timestamp_seconds", {"loop": "test-loop"}
+        )
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        loops.run_forever("test-loop", iteration, interval=0.01, stop=stop, stale_after=0.3)
+    )
+    try:
+
+        async def stale() -> bool:
+            """the loop is stale after failing for longer than 0.3 s"""
+            return bool(loops.stale()) and errors() >= 3
+
+        await wait_until(stale)
+        assert not task.done()
+        (reason,) = loops.stale()
+        assert reason.startswith("the background loop test-loop has never completed a run for")
+        assert "(allowed 0.3 s); last error: " in reason
+        assert last_success() == 0  # never
+
+        failing = False
+
+        async def fresh() -> bool:
+            """the loop completed a run"""
+            return not loops.stale() and last_success() is not None
+
+        await wait_until(fresh)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert errors() >= 3 and loops["test-loop"].errors == errors()
+    failed = [line for line in lines(log_lines) if line["event"] == "background_loop_failed"]
+    by_error = {line["error"]: line for line in failed}
+    conflict = by_error["Conflict: refused by the database"]
+    assert conflict["loop"] == "test-loop" and conflict["level"] == "error"
+    assert "refused by the database" in json.dumps(conflict["exception"])
+    assert by_error["RuntimeError: a bug"]["level"] == "error"
+    lost = by_error["OperationalError: connection lost"]
+    assert lost["level"] == "warning" and "exception" not in lost  # expected: no traceback
+
+
+async def test_the_expiry_loop_survives_an_app_error_and_readyz_names_it_meanwhile(
+    world: World, log_lines: io.StringIO
+) -> None:
+    """expire_due failing with one of our errors (the database refusing it) no longer ends
+    the expiry task: each failure is logged and counted, /readyz names the loop while it
+    has not completed a run for longer than its threshold, and once the database lets it
+    run again it returns lapsed offers and /readyz is ready."""
+    url = world.app.state.services.db.url
+    sql(
+        url,
+        "alter function api.expire_due(interval) rename to expire_due_saved;"
+        " create function api.expire_due(p_request_ttl interval, out offers_returned int,"
+        " out requests_expired int) language plpgsql as $$ begin"
+        " perform api.fail(409, 'sabotaged', 'expiry refused by a test'); end $$",
+    )
+
+    async def failing_twice() -> bool:
+        """the expiry task ran and failed at least twice"""
+        text = (await world.client.get("/metrics")).text
+        try:
+            return metric(text, "autodispatch_expiry_runs_total", outcome="error") >= 2
+        except AssertionError:  # no error counted yet
+            return False
+
+    await wait_until(failing_twice)  # the old task died at the first failure
+    text = (await world.client.get("/metrics")).text
+    assert metric(text, "autodispatch_background_loop_errors_total", loop="expiry") >= 2
+    failed = [line for line in lines(log_lines) if line["event"] == "expiry_failed"]
+    assert failed[0]["loop"] == "expiry" and failed[0]["level"] == "error"
+    assert "expiry refused by a test" in json.dumps(failed[0]["exception"])
+
+    # Its threshold is 30 s (ten intervals, at least 30 s); a test does not wait that long.
+    world.app.state.loops["expiry"].stale_after = 0.5
+    await asyncio.sleep(0.6)
+    r = await world.client.get("/readyz")
+    assert r.status_code == 503
+    reason = r.json()["checks"]["background"]
+    assert reason.startswith("the background loop expiry has not completed a run for")
+    assert "Conflict: expiry refused by a test" in reason
+    assert r.json()["reasons"] == [reason]
+
+    sql(
+        url,
+        "drop function api.expire_due(interval);"
+        " alter function api.expire_due_saved(interval) rename to expire_due",
+    )
+    pair = await world.queued()
+    aid = pair["assignment"]["id"]
+    r = await world.client.post(
+        f"/api/assignments/{aid}/offer",
+        json={"mechanic_id": str(world.mechanic.mechanic_id), "ttl_seconds": 60},
+        headers=world.admin.headers,
+    )
+    assert r.status_code == 200
+    sql(
+        url,
+        "update session_assignments set offer_expires_at = now() - interval '1 second'"
+        " where id = %s",
+        (aid,),
+    )
+
+    async def returned() -> bool:
+        """the still-running task returned the lapsed offer to the queue"""
+        rows = sql(url, "select status from session_assignments where id = %s", (aid,))
+        return rows == [("queued",)]
+
+    await wait_until(returned)
+    r = await world.client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["checks"]["background"] == "ok"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+from binding_rule import rule_violations
 from prometheus_client import CollectorRegistry
 
+from autodispatch.domain.principal import ANONYMOUS, Principal
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.hub import Hub, RealtimeSettings
 from autodispatch.realtime.metrics import RealtimeMetrics
@@ -75,10 +78,10 @@ async def test_per_subscriber_sql_delivers_what_the_key_router_delivers(world: W
     by_sql: dict[str, Recorder] = {}
     try:
         for name, who in principals.items():
-            keys = await keys_hub.keys_for_user(who.id) if who else frozenset({"public"})
+            principal = Principal(who.id, "authenticated") if who else ANONYMOUS
             by_keys[name], by_sql[name] = Recorder(), Recorder()
-            await keys_hub.subscribe(keys, BINDINGS, by_keys[name], "test")
-            await sql_hub.subscribe(keys, BINDINGS, by_sql[name], "test")
+            await keys_hub.subscribe(principal, BINDINGS, by_keys[name], "test")
+            await sql_hub.subscribe(principal, BINDINGS, by_sql[name], "test")
 
         async def post(path: str, who: Account, body: Any = None) -> None:
             r = await world.client.post(path, json=body, headers=who.headers)
@@ -103,6 +106,15 @@ async def test_per_subscriber_sql_delivers_what_the_key_router_delivers(world: W
         await _caught_up(sql_hub, world)
         for name in principals:
             assert by_sql[name].frames == by_keys[name].frames, name
+            frames = [(ids, json.loads(data)) for _, ids, data in by_keys[name].frames]
+            assert rule_violations(BINDINGS, frames, keys_hub.router.types) == [], name
+        # The accept reaches the accepting mechanic as two frames: the UPDATE for binding 1,
+        # a removal for its status=eq.queued list (3); not for its DELETE binding (4): the
+        # row stays in its view.
+        accept: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+        for event_id, ids, data in by_keys["mechanic"].frames:
+            accept.setdefault(event_id, []).append((ids, json.loads(data)["type"]))
+        assert [((1,), "UPDATE"), ((3,), "DELETE")] in accept.values()
         # The scenario is not trivial: removals, filtered bindings, flags, silence for anon.
         other = by_keys["other_mechanic"].frames
         assert any(4 in ids for _, ids, _ in other), "a removal (the accepted request)"

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from autodispatch.realtime.events import Event
 from autodispatch.realtime.protocol import (
     RESUME_FROM_KEY,
     VSN_1,
@@ -56,6 +58,7 @@ from autodispatch.realtime.protocol import (
     system_error,
     system_subscribed,
 )
+from autodispatch.realtime.router import Binding, Router, Subscription
 
 REALTIME_JS_VERSION = "2.109.0"
 REALTIME_JS_CACHE = Path(os.environ.get("AUTODISPATCH_NPM_CACHE", "/tmp/autodispatch-npm-cache"))
@@ -1483,3 +1486,85 @@ setTimeout(() => {
         "kind2": as_frame(b"\x02\x01\x01xy"),
     }
     assert run_node(script, realtime_js, request) == [None, None, "TypeError", "TypeError"]
+
+
+QUEUED_LIST = {
+    "event": "*",
+    "schema": "public",
+    "table": "session_assignments",
+    "filter": "status=eq.queued",
+}
+ALL_UPDATES = {"event": "UPDATE", "schema": "public", "table": "session_assignments"}
+
+
+class FrameRecorder:
+    """A router sink keeping each ``postgres_changes`` frame as the socket would send it."""
+
+    def __init__(self, vsn: str) -> None:
+        self.vsn = vsn
+        self.frames: list[str] = []
+
+    def offer(self, event: Event, ids: tuple[int, ...], data_json: str) -> bool:
+        self.frames.append(postgres_changes_frame(TOPIC, ids, data_json, self.vsn))
+        return True
+
+    async def wait_offer(
+        self, event: Event, ids: tuple[int, ...], data_json: str, timeout: float
+    ) -> bool:
+        return self.offer(event, ids, data_json)
+
+    def close(self, reason: str) -> None:
+        raise AssertionError(reason)
+
+
+@pytest.mark.parametrize("list_first", [True, False])
+def test_realtime_js_hands_each_binding_its_own_type_of_one_change(
+    realtime_js: Path, list_first: bool
+) -> None:
+    """One channel, a status=eq.queued list (``*``) and an UPDATE binding; a request goes
+    queued -> accepted. Through the router and a real RealtimeClient, the list gets a
+    DELETE of the queued row and the UPDATE binding the accepted row, in either order."""
+    js_bindings = [QUEUED_LIST, ALL_UPDATES] if list_first else [ALL_UPDATES, QUEUED_LIST]
+    request: dict[str, Any] = {
+        "vsn": VSN_2,
+        "config": {},
+        "bindings": js_bindings,
+        "sends": [],
+        "frames": [],
+    }
+    join_msg = decode(from_frame(run_node(CLIENT_SCRIPT, realtime_js, request)["sent"][0]), VSN_2)
+    config = parse_join(join_msg.topic, join_msg.payload, ids_from(), TABLES)
+    router = Router({"session_assignments": {"id": "uuid", "status": "text"}}, {})
+    sink = FrameRecorder(VSN_2)
+    bindings = tuple(Binding(b.id, b.table, b.event, b.filter) for b in config.bindings)
+    router.add(Subscription(frozenset({"pool:general"}), bindings, sink, "test"))
+    row_id = "5b2f0c3e-8f6a-4c1b-9e43-1d2c3b4a5f60"
+    router.route(
+        Event(
+            id=1,
+            at=datetime(2026, 1, 1, tzinfo=UTC),
+            schema="public",
+            table="session_assignments",
+            type="UPDATE",
+            row_id=row_id,
+            record={"id": row_id, "status": "accepted"},
+            old_record={"id": row_id, "status": "queued"},
+            new_keys=frozenset({"pool:general"}),
+            old_keys=frozenset({"pool:general"}),
+        )
+    )
+    reply = reply_ok(join_msg.topic, join_msg.ref, join_msg.join_ref, join_reply_response(config))
+    request["frames"] = [as_frame(encode(reply, VSN_2)), *(as_frame(f) for f in sink.frames)]
+    out = run_node(CLIENT_SCRIPT, realtime_js, request)
+    assert out["statuses"] == [["SUBSCRIBED", None]]
+    got = {
+        js_bindings[e["binding"]]["event"]: (
+            e["payload"]["eventType"],
+            e["payload"]["new"].get("status"),
+            e["payload"]["old"].get("status"),
+        )
+        for e in out["events"]
+        if e["kind"] == "postgres_changes"
+    }
+    assert len(got) == len([e for e in out["events"] if e["kind"] == "postgres_changes"])
+    assert got == {"*": ("DELETE", None, "queued"), "UPDATE": ("UPDATE", "accepted", "queued")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,12 +22,15 @@ import pytest
 from live_servers import WIRES, serve_live
 from prometheus_client import CollectorRegistry
 from psycopg.rows import dict_row
-from test_ws_protocol import FLAGS, raw_socket
+from test_ws_protocol import FLAGS, WAIT, Raw, anon_key, socket_url
+from websockets.asyncio.client import connect
 
 from autodispatch.db.database import Database
+from autodispatch.domain.principal import ANONYMOUS
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.hub import Hub, RealtimeSettings
 from autodispatch.realtime.metrics import RealtimeMetrics
+from autodispatch.realtime.protocol import RESUME_FROM_KEY, VSN_2, decode
 from conftest import SSE, LiveServer, LiveWorld
 
 QUEUE = 20  # frames a client's queue holds on these servers
@@ -158,24 +162,41 @@ async def test_websocket_resume_gets_events_committed_during_the_replay_once_in_
     small_queue_ws: LiveWorld,
 ) -> None:
     """The same over the WebSocket (native and ASGI): a backlog far larger than the queue,
-    plus events committed while it replays, arrive in order, once each, then live ones."""
+    plus events committed while it replays, arrive in order, once each, then live ones.
+    The client reads nothing for a while (a small receive buffer, one frame queued), so the
+    replay is provably still under way when the new events commit."""
     world = small_queue_ws
+    server = world.server
     mo = await world.make("mo", "mechanic")
     topic = "realtime:flags"
     cursor = await log_head(world.db_url)
     missed = await flag_events(world.db_url, 1500, size=4096)
-    async with raw_socket(world.server) as raw:
-        reply = await raw.join(topic, [FLAGS], token=mo.token, resume_from=cursor)
-        assert reply.payload["status"] == "ok", reply
-        await raw.wait_rows(topic, 10)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    url = socket_url(server, await anon_key(server), VSN_2)
+    async with connect(url, sock=sock, compression=None, max_queue=1, open_timeout=WAIT) as ws:
+        raw = Raw(ws, VSN_2)
+        ref = raw.ref()
+        join = {
+            "config": {"postgres_changes": [FLAGS], "presence": {"enabled": False}},
+            "access_token": mo.token,
+            RESUME_FROM_KEY: cursor,
+        }
+        await raw.push(topic, "phx_join", join, ref=ref, join_ref=ref)
+        while len(raw.rows(topic)) < 10:
+            raw.received.append(decode(await asyncio.wait_for(ws.recv(), WAIT), VSN_2))
+        assert raw.received[0].payload["status"] == "ok", raw.received[0]
         meanwhile = await flag_events(world.db_url, 30)
-        assert resuming(world.server), "the replay had finished: this test proves nothing"
+        assert resuming(server), "the replay had finished: this test proves nothing"
+        raw.start_reading()
         wanted = missed + meanwhile
         rows = await raw.wait_rows(topic, len(wanted))
         assert [r["event_id"] for r in rows] == wanted
         live = await flag_events(world.db_url, 1)
         rows = await raw.wait_rows(topic, len(wanted) + 1)
         assert [r["event_id"] for r in rows] == wanted + live
+        await raw.close()
 
 
 class RecordingSink:
@@ -235,7 +256,7 @@ async def test_a_prune_that_commits_during_a_replay_ends_it_with_resync(db_url: 
         produced = await flag_events(db_url, 30)
         sink = RecordingSink(on_first=lambda: prune_through(db_url, produced[19]))
         sub = await hub.subscribe(
-            frozenset({"public"}),
+            ANONYMOUS,
             hub_bindings("feature_flags"),
             sink,
             "test",
@@ -254,8 +275,7 @@ async def test_a_hole_in_the_live_log_tells_every_subscriber_to_resync(db_url: s
     async with started_hub(db_url) as hub:
         sinks = [RecordingSink(), RecordingSink()]
         subs = [
-            await hub.subscribe(frozenset({"public"}), hub_bindings("feature_flags"), s, "test")
-            for s in sinks
+            await hub.subscribe(ANONYMOUS, hub_bindings("feature_flags"), s, "test") for s in sinks
         ]
         produced = await flag_events(db_url, 6)
         await wait_until(lambda: hub.reader.routed >= produced[-1])

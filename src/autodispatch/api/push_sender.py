@@ -38,6 +38,7 @@ from pywebpush import WebPusher  # type: ignore[import-untyped]
 
 from autodispatch.api.push_keys import VapidKeys
 from autodispatch.api.push_network import EndpointPolicy, Outcome, PushClient
+from autodispatch.background import Loops
 from autodispatch.db.database import Database, Tx
 from autodispatch.metrics import Metrics
 
@@ -153,8 +154,10 @@ class PushSender:
         lease_seconds: float = 60.0,
         max_failures: int = 10,
         ssl_context: ssl.SSLContext | None = None,
+        loops: Loops | None = None,
     ) -> None:
         self.db = db
+        self.loops = loops if loops is not None else Loops()
         self.metrics = metrics
         self.keys = keys
         self.request_ttl_seconds = request_ttl_seconds
@@ -173,22 +176,28 @@ class PushSender:
         self._cursor_missing = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Follow the event log until ``stop`` is set, about every ``interval`` seconds."""
+        """Follow the event log until ``stop`` is set, about every ``interval`` seconds
+        (at once again after a full batch). A failed run is logged (``push_run_failed``)
+        and counted, never fatal: the cursor did not move, so the next run retries the
+        same events (a lost connection, a deadlock, a bug)."""
         try:
-            while not stop.is_set():
-                full = False
-                try:
-                    full = await self.run_once() >= self.batch_size
-                except Exception as exc:
-                    # Counted and logged, never fatal: the cursor did not move, so the next
-                    # run retries the same events (a lost connection, a deadlock, a bug).
-                    self.metrics.push_runs.labels("error").inc()
-                    log.warning("push_run_failed", error=f"{type(exc).__name__}: {exc}")
-                if not full:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=self.interval)
+            await self.loops.run_forever(
+                "web-push",
+                self._run_counted,
+                interval=self.interval,
+                stop=stop,
+                event="push_run_failed",
+            )
         finally:
             await self.client.aclose()
+
+    async def _run_counted(self) -> bool:
+        """One run; True when it read a full batch (more may be waiting)."""
+        try:
+            return await self.run_once() >= self.batch_size
+        except Exception:
+            self.metrics.push_runs.labels("error").inc()
+            raise
 
     async def run_once(self) -> int:
         """Push for the next batch of events after the cursor and move it past them.

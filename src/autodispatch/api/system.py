@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from autodispatch.api import deps
+from autodispatch.background import Loops
 from autodispatch.db.database import Tx
 
 router = APIRouter(tags=["system"])
@@ -35,10 +36,12 @@ class LogReader(Protocol):
 
 @router.get("/readyz")
 async def readyz(request: Request, svc: deps.Services = Depends(deps.services)) -> JSONResponse:
-    """200 when the database answers, is migrated to this code's revision, and the realtime
-    log reader is caught up; otherwise 503 with the reasons (and each check's state)."""
+    """200 when the database answers, is migrated to this code's revision, the realtime
+    log reader is caught up and every background loop completed a run lately; otherwise
+    503 with the reasons (and each check's state)."""
     checks: dict[str, str] = {}
     reader: LogReader | None = getattr(request.app.state, "log_reader", None)
+    loops: Loops | None = getattr(request.app.state, "loops", None)
     try:
         async with asyncio.timeout(READY_TIMEOUT_SECONDS), svc.db.as_service() as tx:
             revision = await tx.value("migration_revision")
@@ -55,6 +58,8 @@ async def readyz(request: Request, svc: deps.Services = Depends(deps.services)) 
         checks["database"] = f"database did not answer within {READY_TIMEOUT_SECONDS:.0f} s"
     except Exception as exc:  # any failure to reach the database is the answer here
         checks["database"] = f"database unreachable: {exc.__class__.__name__}: {exc}"
+    if loops is not None:
+        checks["background"] = "; ".join(loops.stale()) or "ok"
     reasons = [state for state in checks.values() if state != "ok"]
     if reasons:
         return JSONResponse(

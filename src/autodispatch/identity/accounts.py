@@ -10,6 +10,7 @@ from autodispatch.config import Settings
 from autodispatch.db.database import Database, Tx
 from autodispatch.domain.errors import (
     BadRequest,
+    Forbidden,
     InvalidInput,
     NotAuthenticated,
     NotFound,
@@ -117,6 +118,7 @@ class Accounts:
                 for key, _ in keys:
                     await tx.execute("record_sign_in_failure", {"throttle_key": key})
             raise BadRequest("invalid login credentials", code="invalid_credentials")
+        _refuse_disabled(user)  # said only to whoever knows the password
         async with self.db.as_service() as tx:
             await tx.execute("clear_sign_in_failures", {"throttle_key": keys[0][0]})
             if self.passwords.needs_rehash(user["password_hash"]):
@@ -139,6 +141,7 @@ class Accounts:
             user = await tx.one("user_by_id", {"id": row["user_id"]})
             if user is None:
                 raise NotAuthenticated("this account no longer exists", code="user_gone")
+            _refuse_disabled(user)
             return await self._session_for(tx, user)
 
     async def sign_out(self, user_id: UUID) -> None:
@@ -177,6 +180,16 @@ class Accounts:
             "refresh_token": refresh,
             "user": public_user(user),
         }
+
+
+def _refuse_disabled(user: dict[str, Any]) -> None:
+    """A disabled account (auth.users.disabled_at) gets no new tokens; RLS already shows
+    its old ones nothing private (its keys are only 'public', migration 0006)."""
+    if user.get("disabled_at") is not None:
+        raise Forbidden(
+            "this account is disabled; ask an administrator to enable it",
+            code="account_disabled",
+        )
 
 
 def public_user(user: dict[str, Any]) -> dict[str, Any]:

@@ -18,17 +18,16 @@ in functions that give the reader's position and the subscriber count.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import uuid
 from collections.abc import Callable
 
-import psycopg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from autodispatch import __version__
+from autodispatch.background import Loops
 from autodispatch.db.database import Database
 
 log = structlog.get_logger("autodispatch.ops")
@@ -79,6 +78,7 @@ class GatewayHeartbeat:
         subscribers: Callable[[], int],
         request_ttl_seconds: int,
         interval: float = HEARTBEAT_SECONDS,
+        loops: Loops | None = None,
     ) -> None:
         self.db = db
         self.metrics = metrics
@@ -86,6 +86,7 @@ class GatewayHeartbeat:
         self.subscribers = subscribers
         self.request_ttl_seconds = request_ttl_seconds
         self.interval = interval
+        self.loops = loops if loops is not None else Loops()
         self.id = uuid.uuid4()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -101,7 +102,17 @@ class GatewayHeartbeat:
                 gateway=str(self.id),
                 error=f"{type(exc).__name__}: {exc}",
             )
-        self._task = asyncio.create_task(self._beat_forever(), name="gateway-heartbeat")
+        # Any error in a beat (a lost connection, a bug, a bad value from position()) is
+        # logged and counted and the next beat runs: were the loop to end, the gauges
+        # would freeze and the row would look like a dead gateway.
+        beats = self.loops.run_forever(
+            "gateway-heartbeat",
+            self._beat_counted,
+            interval=self.interval,
+            stop=self._stop,
+            event="gateway_heartbeat_failed",
+        )
+        self._task = asyncio.create_task(beats, name="gateway-heartbeat")
 
     async def stop(self) -> None:
         """Stop beating and remove this process's row: a clean stop is not a dead gateway.
@@ -109,7 +120,7 @@ class GatewayHeartbeat:
         Never raises: it runs during shutdown, and the teardown after it must run too."""
         self._stop.set()
         if self._task is not None:
-            # The beat loop catches everything; return_exceptions covers a task that was
+            # The beat loop catches every Exception; return_exceptions covers a task that was
             # cancelled or died anyway, without letting it escape into the shutdown.
             (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
             if isinstance(outcome, BaseException):
@@ -165,17 +176,9 @@ class GatewayHeartbeat:
             )
         log.info("gateway_registered", gateway=str(self.id))
 
-    async def _beat_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await self.beat()
-            except (psycopg.Error, OSError) as exc:
-                self.metrics.heartbeat_failures.inc()
-                log.warning("gateway_heartbeat_failed", gateway=str(self.id), error=str(exc))
-            except Exception:
-                # Anything else (a bug, a bad value from position()) must not end the
-                # loop: the gauges would freeze and the row would look like a dead gateway.
-                self.metrics.heartbeat_failures.inc()
-                log.exception("gateway_heartbeat_failed", gateway=str(self.id))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.interval)
+    async def _beat_counted(self) -> None:
+        try:
+            await self.beat()
+        except Exception:
+            self.metrics.heartbeat_failures.inc()
+            raise

@@ -27,7 +27,7 @@ from typing import Any
 from autodispatch.db.database import Database
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.metrics import RealtimeMetrics
-from autodispatch.realtime.router import Decision, Router, Subscription, decide_bindings
+from autodispatch.realtime.router import Decision, Part, Router, Subscription, decide_bindings
 
 # One statement per subscriber. The claims are set in a materialized CTE, so they are in
 # place before the outer select (and the RLS predicate in it) is evaluated.
@@ -150,28 +150,25 @@ class PerSubscriberSqlRouter:
         # subscriptions by claims.
         identities = {sub: _identity(sub.keys) for sub in candidates}
         answers = await self._visible(event, set(identities.values()))
-        columns = self.router.columns.get(event.table, [])
-        blocked: list[tuple[Subscription, tuple[int, ...], str]] = []
+        blocked: list[tuple[Subscription, tuple[Part, ...]]] = []
         for sub in candidates:
             if sub not in self.router.subscriptions:
                 continue  # left while we asked
             new_visible, old_visible = answers[identities[sub]]
             decision = decide_visible(sub, event, new_visible, old_visible, self.router.types)
-            if not decision.delivered or decision.variant is None:
+            if not decision.delivered:
                 sub.cursor = event.id
                 outcomes[decision.reason] += 1
                 continue
-            data = event.encoded(decision.variant, columns)
-            if sub.sink.offer(event, decision.ids, data):
-                sub.cursor = event.id
+            # One frame per part, the cursor moved when all are queued (Router.offer).
+            if self.router.offer(sub, event, decision.parts):
                 outcomes["delivered"] += 1
             else:
-                blocked.append((sub, decision.ids, data))
-        # Full queues: wait for room (bounded) and close slow consumers, as the key
-        # router's reader does (log.py, Router.deliver_wait).
-        for sub, ids, data in blocked:
-            if await sub.sink.wait_offer(event, ids, data, self.wait_seconds()):
-                sub.cursor = event.id
+                blocked.append((sub, decision.parts))
+        # Full queues: wait for room (bounded) for the parts not yet queued, and close
+        # slow consumers, as the key router's reader does (log.py, Router.deliver_wait).
+        for sub, parts in blocked:
+            if await self.router.offer_wait(sub, event, parts, self.wait_seconds()):
                 outcomes["delivered"] += 1
             else:
                 sub.sink.close("slow_consumer")

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import psycopg
 import structlog
 
+from autodispatch.background import Loops, stale_after_for
 from autodispatch.db.database import Database
 from autodispatch.realtime.presence import (
     Assembly,
@@ -69,6 +70,8 @@ SILENT_INTERVALS = 3
 # pg_stat_activity, and waits (at most FIRST_SYNC_SECONDS) for their snapshots.
 LISTENER_NAME = "autodispatch-bus "
 FIRST_SYNC_SECONDS = 2.0
+# The listener waits this long for notifications, then checks its connection with a query.
+LISTEN_SECONDS = 5.0
 
 
 class Member(Protocol):
@@ -90,8 +93,20 @@ def _presence_diff(topic: str, joins: Keys, leaves: Keys) -> dict[str, Any]:
 
 
 class Broker:
-    def __init__(self, db: Database, *, alive_interval: float = ALIVE_INTERVAL) -> None:
+    def __init__(
+        self, db: Database, *, alive_interval: float = ALIVE_INTERVAL, loops: Loops | None = None
+    ) -> None:
         self.db = db
+        # Both loops report every run: their errors are counted, /readyz sees them stop.
+        self.loops = loops if loops is not None else Loops()
+        self._listening = self.loops.register(
+            "realtime-bus", stale_after=stale_after_for(LISTEN_SECONDS), event="bus_listen_failed"
+        )
+        self._alive = self.loops.register(
+            "realtime-bus-alive",
+            stale_after=stale_after_for(alive_interval),
+            event="bus_alive_failed",
+        )
         self.origin = uuid.uuid4().hex
         self.alive_interval = alive_interval
         self.members: dict[str, set[Member]] = defaultdict(set)
@@ -427,6 +442,8 @@ class Broker:
         await self._publish_snapshot()
 
     async def _listen(self) -> None:
+        """Listen on the bus until stopped; reconnect after any error (a bug in here must
+        not end the listener for good: logged, counted, and it listens again)."""
         while not self._stop.is_set():
             try:
                 conn = await psycopg.AsyncConnection.connect(
@@ -443,23 +460,22 @@ class Broker:
                 async with conn:
                     await conn.execute(f"listen {BUS_CHANNEL}")
                     self._listening_again()
+                    self._listening.ok()
                     while not self._stop.is_set():
-                        async for note in conn.notifies(timeout=5.0):
+                        async for note in conn.notifies(timeout=LISTEN_SECONDS):
                             self._receive(note.payload)
                         await conn.execute("select 1")
-            except (psycopg.Error, OSError) as exc:
+                        self._listening.ok()  # the connection is alive and we are reading it
+            except Exception as exc:
                 self.ready.clear()
-                log.warning("bus_listen_failed", error=str(exc))
-                await asyncio.sleep(1.0)
-            except Exception:  # a bug must not end the listener for good: log, listen again
-                self.ready.clear()
-                log.exception("bus_listen_crashed")
+                self._listening.failed(exc)
                 await asyncio.sleep(1.0)
         self.ready.clear()
 
     async def _say_alive(self) -> None:
         """Say alive every interval; drop origins gone silent; republish our snapshot if
-        one of our changes did not reach the bus."""
+        one of our changes did not reach the bus. Any error is logged and counted, and
+        the loop goes on: silence would get our entries dropped everywhere."""
         interval = self.alive_interval
         last = time.monotonic()
         while not self._stop.is_set():
@@ -469,15 +485,25 @@ class Broker:
             # read yet says nothing about the others, so judge them next time.
             stalled = now - last > 2 * interval
             last = now
+            failure: Exception | None = None
             try:
-                if await self._try_publish({"kind": "alive"}) and self._unpublished:
-                    await self._publish_snapshot()
+                try:
+                    await self._publish({"kind": "alive"})
+                except (psycopg.Error, OSError) as exc:
+                    failure = exc  # judge the others all the same
+                else:
+                    if self._unpublished:
+                        await self._publish_snapshot()
                 if self.ready.is_set() and not stalled:
                     for origin, peer in list(self.peers.items()):
                         if now - peer.last_heard > SILENT_INTERVALS * peer.interval:
                             self._drop(origin, "silent")
-            except Exception:  # keep saying alive: silence would get our entries dropped
-                log.exception("bus_alive_failed")
+            except Exception as exc:
+                failure = exc
+            if failure is None:
+                self._alive.ok()
+            else:
+                self._alive.failed(failure)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -108,8 +108,9 @@ class Event:
             "columns": columns,
             "record": {},
             "errors": None,
-            "event_id": self.id,
         }
+        if self.id:  # 0: a removal before the last of a key change carries no cursor
+            data["event_id"] = self.id
         if variant is Variant.REMOVAL:
             data["old_record"] = self.old_record
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autodispatch.db.database import Database
-from autodispatch.realtime.events import Event
+from autodispatch.realtime.events import Event, Variant
 from autodispatch.realtime.log import load_column_types
 from autodispatch.realtime.protocol import parse_filter
 from autodispatch.realtime.router import Binding, NullSink, Router, Subscription, decide
@@ -52,13 +52,10 @@ async def explain_delivery(
         f" {email} ({user['account_type']}) holds keys {sorted(keys)};"
         f" the row's keys were old {sorted(event.old_keys)} -> new {sorted(event.new_keys)}."
     )
-    if decision.delivered:
+    if decision.delivered:  # one binding: one part
         shared = sorted(keys & event.keys)
-        kind = (
-            "a removal (DELETE)"
-            if decision.variant and decision.variant.value == "removal"
-            else event.type
-        )
+        removal = decision.parts[0].variant is Variant.REMOVAL
+        kind = "a removal (DELETE)" if removal else event.type
         return Explanation(
             True, f"{head}\nDELIVERED as {kind}, through key(s) {', '.join(shared)}."
         )

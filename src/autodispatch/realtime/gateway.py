@@ -312,6 +312,10 @@ class Channel:
             self.conn.send(p.presence_diff(self.topic, joins, leaves))
 
 
+def _user_id(principal: Principal) -> str | None:
+    return str(principal.user_id) if principal.user_id is not None else None
+
+
 def _expiry(principal: Principal) -> float | None:
     exp = principal.claims.get("exp")
     return float(exp) if exp is not None else None
@@ -578,10 +582,9 @@ class Connection:
             for table in (hub.tables if b.table == p.ALL_TABLES else (b.table,))
         )
         if bindings:
-            keys = await hub.keys_for(principal)
             try:
                 channel.subscription = await hub.subscribe(
-                    keys, bindings, channel, "websocket", config.resume_from
+                    principal, bindings, channel, "websocket", config.resume_from
                 )
             except ResyncRequired as exc:
                 self.send_error_reply(
@@ -599,7 +602,7 @@ class Connection:
         await channel.open(gateway.limits.slow_consumer_seconds)
         if config.presence_enabled:
             self.send(p.presence_state(msg.topic, gateway.broker.presence_state(msg.topic)))
-        if channel.subscription is not None and channel.subscription.buffering:
+        if channel.subscription is not None and hub.needs_catch_up(channel.subscription):
             # A resume: what was missed goes out as the client reads it, page by page
             # (never the whole backlog in memory), while this socket's other messages
             # are handled.
@@ -624,10 +627,14 @@ class Connection:
         except AppError as exc:
             await self.expire(channel, f"{exc.message}")
             return
+        sub = channel.subscription
+        if sub is not None and sub.user_id != _user_id(principal):
+            # What a channel may see follows its user's keys in the log (a change of them
+            # is an event, applied in its place); another user's token would need a new
+            # history: the client joins again with it.
+            await self.expire(channel, "this access_token is for another user; join again with it")
+            return
         channel.expires_at = _expiry(principal)
-        if channel.subscription is not None:
-            keys = await self.gateway.hub.keys_for(principal)
-            self.gateway.hub.router.rekey(channel.subscription, keys)
 
     async def expire(self, channel: Channel, why: str) -> None:
         if self.channels.get(channel.topic) is not channel:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 from uuid import UUID
 
-import psycopg
 import structlog
 
+from autodispatch.background import Loops
 from autodispatch.db.database import Database
 from autodispatch.domain.errors import Conflict
 from autodispatch.domain.principal import Principal
@@ -27,6 +26,12 @@ from autodispatch.realtime.baseline import PerSubscriberSqlRouter
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.log import TX_STATEMENTS, EventLogReader, load_column_types
 from autodispatch.realtime.metrics import RealtimeMetrics
+from autodispatch.realtime.principals import (
+    MAX_REMOVALS,
+    KeyChange,
+    is_principal_change,
+    removals,
+)
 from autodispatch.realtime.router import Binding, Router, Sink, Subscription
 
 log = structlog.get_logger("autodispatch.realtime")
@@ -68,7 +73,14 @@ def _pruned(cursor: int, pruned_through: int) -> str:
 
 
 class Hub:
-    def __init__(self, db: Database, metrics: RealtimeMetrics, settings: RealtimeSettings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        metrics: RealtimeMetrics,
+        settings: RealtimeSettings,
+        loops: Loops | None = None,
+    ) -> None:
+        self.loops = loops if loops is not None else Loops()  # watched by /readyz
         self.db = db
         self.metrics = metrics
         self.settings = settings
@@ -85,6 +97,10 @@ class Hub:
             )
             self.reader.route_async = baseline.route
         self.reader.on_gap = self._resync_everyone
+        self.reader.on_principal = self._principal_changed
+        self._by_user: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._rekeying: set[asyncio.Task[None]] = set()
+        self._resuming: set[Subscription] = set()  # registered; catch_up not yet begun
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
@@ -93,14 +109,23 @@ class Hub:
         self.router.types = types
         self.router.columns = columns
         self._tasks = [
-            asyncio.create_task(self.reader.run(self._stop), name="realtime-reader"),
-            asyncio.create_task(self._prune_forever(), name="realtime-prune"),
+            asyncio.create_task(self.reader.run(self._stop, self.loops), name="realtime-reader"),
+            asyncio.create_task(
+                self.loops.run_forever(
+                    "realtime-prune",
+                    self._prune_once,
+                    interval=self.settings.prune_interval,
+                    stop=self._stop,
+                    event="event_prune_failed",
+                ),
+                name="realtime-prune",
+            ),
         ]
         await asyncio.wait_for(self.reader.started.wait(), timeout=30)
 
     async def stop(self) -> None:
         self._stop.set()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._rekeying]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -123,22 +148,39 @@ class Hub:
 
     async def subscribe(
         self,
-        keys: frozenset[str],
+        principal: Principal,
         bindings: tuple[Binding, ...],
         sink: Sink,
         transport: str,
         resume_from: int | None = None,
     ) -> Subscription:
-        """Register a subscription. A cursor is checked here (``ResyncRequired`` before
-        anything is registered); the events after it are sent by ``catch_up``, which the
-        transport runs once its client is reading: a backlog larger than the queue then
-        drains as the client reads, instead of filling a queue nobody empties yet."""
-        sub = Subscription(keys=keys, bindings=bindings, sink=sink, transport=transport)
-        if resume_from is None:
+        """Register a subscription with the principal's keys. A cursor is checked here
+        (``ResyncRequired`` before anything is registered); the events after it are sent
+        by ``catch_up``, which the transport runs once its client is reading: a backlog
+        larger than the queue then drains as the client reads, instead of filling a queue
+        nobody empties yet.
+
+        The keys are read with the log's head in one statement and the subscription is
+        registered at or after that head, so no change of the keys can fall between what
+        they say and the first event routed to it (such a change is an event after it)."""
+        user_id: str | None = None
+        head: int | None = None
+        if principal.user_id is None:
+            keys = frozenset({"public"})
+        else:
+            user_id = str(principal.user_id)
+            keys, head = await self._keys_and_head(principal.user_id)
+        sub = Subscription(
+            keys=keys, bindings=bindings, sink=sink, transport=transport, user_id=user_id
+        )
+        if resume_from is None and (head is None or head >= self.reader.position):
             sub.cursor = self.reader.position
-            self.router.add(sub)
-            self.metrics.subscribers.labels(transport).inc()
+            self._add(sub)
             return sub
+        if resume_from is None:
+            # The reader is past the keys' snapshot: replay from there (a few events).
+            assert head is not None
+            resume_from = head
         last_id, pruned_through = await self.reader.head()
         if resume_from < pruned_through:
             raise ResyncRequired(_pruned(resume_from, pruned_through))
@@ -147,11 +189,44 @@ class Hub:
                 f"cursor {resume_from} is ahead of this log (last event {last_id});"
                 " it belongs to another database: reload and subscribe without a cursor"
             )
+        if user_id is not None:
+            changes = await self._key_changes(user_id, resume_from)
+            if any(change.lost for change in changes):
+                raise ResyncRequired(
+                    f"what you may see changed after event {resume_from}"
+                    f" (at event {changes[0].event_id}); reload your data, then subscribe"
+                    " without a cursor"
+                )
+            if changes:  # replayed with the keys of the time, switched where they changed
+                sub.keys = changes[0].old
         sub.cursor = resume_from
         sub.buffering = True  # live events wait in sub.buffer until catch_up has replayed
-        self.router.add(sub)
-        self.metrics.subscribers.labels(transport).inc()
+        self._add(sub, index=keys | sub.keys)
+        self._resuming.add(sub)
         return sub
+
+    def needs_catch_up(self, sub: Subscription) -> bool:
+        """Whether the transport must run ``catch_up`` for this new subscription."""
+        return sub in self._resuming
+
+    async def _keys_and_head(self, user_id: UUID) -> tuple[frozenset[str], int]:
+        async with self.db.as_service() as tx:
+            row = await tx.one("principal_keys_and_head", {"user_id": user_id})
+        self.metrics.statements("principal_keys", TX_STATEMENTS)
+        assert row is not None
+        return frozenset(row["keys"] or ["public"]), int(row["head"])
+
+    async def _key_changes(self, user_id: str, after: int) -> list[KeyChange]:
+        async with self.db.as_service() as tx:
+            rows = await tx.all("principal_changes_after", {"user_id": user_id, "after": after})
+        self.metrics.statements("principal_keys", TX_STATEMENTS)
+        return [KeyChange.from_row(row) for row in rows]
+
+    def _add(self, sub: Subscription, index: frozenset[str] | None = None) -> None:
+        self.router.add(sub, index)
+        if sub.user_id is not None:
+            self._by_user[sub.user_id].add(sub)
+        self.metrics.subscribers.labels(sub.transport).inc()
 
     async def catch_up(self, sub: Subscription) -> None:
         """Send a resuming subscription what it missed, then what arrived meanwhile, in
@@ -159,8 +234,9 @@ class Hub:
         client that stops reading is closed as a slow consumer). When the log is pruned
         past the cursor during the replay, the sink is closed with ``resync_required``:
         a partial history is never sent as a whole one."""
-        if not sub.buffering:
+        if sub not in self._resuming:
             return
+        self._resuming.discard(sub)
         try:
             complete = await self._replay(sub, sub.cursor)
         except ResyncRequired:
@@ -173,10 +249,101 @@ class Hub:
         if not complete:
             self.unsubscribe(sub)
             return
-        self.metrics.count(
-            await self.router.finish_replay_wait(sub, self.reader.slow_consumer_seconds),
-            sub.transport,
+        await self._drain(sub)
+
+    async def _drain(self, sub: Subscription) -> None:
+        """Deliver what a buffering subscription collected meanwhile, in order, applying
+        any change of its keys in its place; then it is live, indexed by its keys alone.
+        Events routed while this waits join the buffer, so order is kept."""
+        outcomes: dict[str, int] = defaultdict(int)
+        timeout = self.reader.slow_consumer_seconds
+        try:
+            while sub.buffer:
+                event = sub.buffer.pop(0)
+                if is_principal_change(event):
+                    if not await self._apply_key_change(sub, event):
+                        return
+                    continue
+                outcome = await self.router.deliver_wait(sub, event, timeout)
+                if outcome == "slow_consumer":
+                    return
+                outcomes[outcome] += 1
+        except ResyncRequired:
+            sub.sink.close("resync_required")
+            self.unsubscribe(sub)
+            return
+        except Exception as exc:  # the client resumes from its cursor, nothing is lost
+            log.warning("key_change_failed", error=str(exc), cursor=sub.cursor)
+            sub.sink.close("replay_failed")
+            self.unsubscribe(sub)
+            return
+        sub.buffering = False
+        self.router.reindex(sub, sub.keys)
+        self.metrics.count(outcomes, sub.transport)
+
+    def _principal_changed(self, event: Event) -> None:
+        """The reader met a change of one user's keys: from here on, that user's
+        subscriptions buffer until the change is applied (removals first), in order."""
+        subs = self._by_user.get(event.row_id)
+        if not subs:
+            return
+        change = KeyChange.of(event)
+        for sub in list(subs):
+            if event.id <= sub.cursor:
+                continue
+            # Events after this one are candidates under the new keys too, until applied.
+            self.router.reindex(sub, sub.indexed | change.new)
+            sub.buffer.append(event)
+            if not sub.buffering:
+                sub.buffering = True
+                task = asyncio.get_running_loop().create_task(
+                    self._drain(sub), name="realtime-rekey"
+                )
+                self._rekeying.add(task)
+                task.add_done_callback(self._rekeying.discard)
+
+    async def _apply_key_change(self, sub: Subscription, event: Event) -> bool:
+        """Send the removals of one key change, then decide with the new keys. False when
+        the sink closed meanwhile (a slow consumer). ``ResyncRequired`` when more rows
+        left the view than are worth sending one by one."""
+        if event.id <= sub.cursor:
+            return True
+        change = KeyChange.of(event)
+        lost = sub.keys - change.new
+        if lost:
+            async with self.db.as_service() as tx:
+                rows = await tx.all(
+                    "rows_leaving_view",
+                    {
+                        "tables": sorted(sub.tables),
+                        "at": event.id,
+                        "had": sorted(sub.keys),
+                        "has": sorted(change.new),
+                        "limit": MAX_REMOVALS + 1,
+                    },
+                )
+            self.metrics.statements("principal_keys", TX_STATEMENTS)
+            if len(rows) > MAX_REMOVALS:
+                raise ResyncRequired(
+                    f"what you may see changed at event {event.id}, and more than"
+                    f" {MAX_REMOVALS} rows left your view; reload your data, then subscribe"
+                    " without a cursor"
+                )
+            for removal in removals(event, rows):
+                if not await self.router.deliver_removal_wait(
+                    sub, removal, self.reader.slow_consumer_seconds
+                ):
+                    return False
+        log.info(
+            "subscriber_rekeyed",
+            user_id=sub.user_id,
+            event_id=event.id,
+            lost=sorted(lost),
+            gained=sorted(change.new - sub.keys),
         )
+        sub.keys = change.new
+        sub.cursor = event.id
+        return True
 
     async def _replay(self, sub: Subscription, after: int) -> bool:
         """Replay the log after ``after`` page by page; False when the sink closed."""
@@ -188,7 +355,8 @@ class Hub:
                     {
                         "after": after,
                         "tables": sorted(sub.tables),
-                        "keys": sorted(sub.keys),
+                        "keys": sorted(sub.keys | sub.indexed),
+                        "user_id": sub.user_id,
                         "limit": page,
                     },
                 )
@@ -198,6 +366,10 @@ class Hub:
                 raise ResyncRequired(_pruned(after, pruned_through))
             events = [Event.from_row(row) for row in rows if row["id"] is not None]
             for event in events:
+                if is_principal_change(event):
+                    if not await self._apply_key_change(sub, event):
+                        return False
+                    continue
                 outcome = await self.router.deliver_wait(
                     sub, event, self.reader.slow_consumer_seconds
                 )
@@ -219,9 +391,16 @@ class Hub:
             sub.sink.close("resync_required")
 
     def unsubscribe(self, sub: Subscription) -> None:
+        self._resuming.discard(sub)
         if sub in self.router.subscriptions:
             self.router.remove(sub)
             self.metrics.subscribers.labels(sub.transport).dec()
+        if sub.user_id is not None:
+            subs = self._by_user.get(sub.user_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_user[sub.user_id]
 
     async def event(self, event_id: int) -> Event | None:
         async with self.db.as_service() as tx:
@@ -229,84 +408,11 @@ class Hub:
         self.metrics.statements("event_by_id", TX_STATEMENTS)
         return Event.from_row(row) if row else None
 
-    async def _prune_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                async with self.db.as_service() as tx:
-                    pruned = await tx.value(
-                        "prune_events", {"keep_seconds": self.settings.retention_seconds}
-                    )
-                self.metrics.statements("prune", TX_STATEMENTS)
-                if pruned:
-                    log.info("events_pruned", count=pruned)
-            except (psycopg.Error, OSError) as exc:
-                log.warning("event_prune_failed", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.settings.prune_interval)
-
-
-class QueueSink:
-    """A bounded queue of frames for one connection. When it stays full longer than the
-    reader will wait, the client is too slow: the sink closes (reason ``slow_consumer``)
-    and the client resumes from its cursor."""
-
-    def __init__(self, maxsize: int, render: Callable[[Event, tuple[int, ...], str], Any]) -> None:
-        self.queue: asyncio.Queue[tuple[Event | None, Any]] = asyncio.Queue(maxsize)
-        self.render = render
-        self.closed_reason: str | None = None
-
-    def offer(self, event: Event, ids: tuple[int, ...], data_json: str) -> bool:
-        """Queue without waiting; False when full (the reader then waits, see log.py)."""
-        if self.closed_reason is not None:
-            return False
-        try:
-            self.queue.put_nowait((event, self.render(event, ids, data_json)))
-        except asyncio.QueueFull:
-            return False
-        return True
-
-    async def wait_offer(
-        self, event: Event, ids: tuple[int, ...], data_json: str, timeout: float
-    ) -> bool:
-        if self.closed_reason is not None:
-            return False
-        try:
-            await asyncio.wait_for(
-                self.queue.put((event, self.render(event, ids, data_json))), timeout
+    async def _prune_once(self) -> None:
+        async with self.db.as_service() as tx:
+            pruned = await tx.value(
+                "prune_events", {"keep_seconds": self.settings.retention_seconds}
             )
-        except TimeoutError:
-            return False
-        return self.closed_reason is None
-
-    def close(self, reason: str) -> None:
-        if self.closed_reason is None:
-            self.closed_reason = reason
-            # Wake the writer even when the queue is full.
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait((None, None))
-
-
-async def drain(
-    sink: QueueSink,
-    write: Callable[[Any], Awaitable[None]],
-    *,
-    keepalive: float,
-    ping: Any,
-    on_sent: Callable[[Event], None],
-) -> str:
-    """Write queued frames until the sink closes; return the reason.
-
-    Once the sink is closed (a slow client, an expired token, shutdown) nothing more is
-    written: the client's cursor is the last event it received, and it resumes there.
-    """
-    while sink.closed_reason is None:
-        try:
-            event, frame = await asyncio.wait_for(sink.queue.get(), timeout=keepalive)
-        except TimeoutError:
-            await write(ping)
-            continue
-        if event is None or sink.closed_reason is not None:
-            break
-        await write(frame)
-        on_sent(event)
-    return sink.closed_reason or "closed"
+        self.metrics.statements("prune", TX_STATEMENTS)
+        if pruned:
+            log.info("events_pruned", count=pruned)

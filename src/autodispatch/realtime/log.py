@@ -20,15 +20,18 @@ import psycopg
 import structlog
 from psycopg.rows import DictRow, dict_row
 
+from autodispatch.background import Loops, stale_after_for
 from autodispatch.db import queries
 from autodispatch.db.database import Database
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.metrics import RealtimeMetrics
+from autodispatch.realtime.principals import is_principal_change
 from autodispatch.realtime.router import Router, Subscription
 
 log = structlog.get_logger("autodispatch.realtime")
 
 CHANNEL = "autodispatch_events"
+LISTEN_TIMEOUT = 5.0  # seconds of silence before the listener checks its connection
 # A service transaction is BEGIN, one query, COMMIT (psycopg sends each on its own).
 TX_STATEMENTS = 3
 # From this many events in one read, frames are gathered per connection (see route_all):
@@ -65,6 +68,9 @@ class EventLogReader:
         self.route_async: AsyncRoute | None = None
         # Called with (last id read, next id read) when the log has a hole (see _advance).
         self.on_gap: Callable[[int, int], None] | None = None
+        # Called, in its place among the events, with each change of a user's keys
+        # (realtime/principals.py): the hub re-keys that user's subscriptions there.
+        self.on_principal: Callable[[Event], None] | None = None
 
     async def head(self) -> tuple[int, int]:
         async with self.db.as_service() as tx:
@@ -73,17 +79,27 @@ class EventLogReader:
         assert row is not None
         return int(row["last_id"]), int(row["pruned_through"])
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, loops: Loops | None = None) -> None:
+        """Read and route until ``stop``; any error is logged, counted (here and in
+        ``loops``, which ``/readyz`` watches) and the next read comes anyway."""
+        loops = loops if loops is not None else Loops()
+        health = loops.register(
+            "realtime-reader",
+            stale_after=stale_after_for(self.poll_interval),
+            event="event_log_read_failed",
+        )
         self.position, _ = await self.head()
         self.started.set()
-        listener = asyncio.create_task(self._listen(stop), name="realtime-listen")
+        listener = asyncio.create_task(self._listen(stop, loops), name="realtime-listen")
         try:
             while not stop.is_set():
                 try:
                     await self.read_available()
-                except (psycopg.Error, OSError) as exc:
+                except Exception as exc:
                     self.metrics.reader_errors.inc()
-                    log.warning("event_log_read_failed", error=str(exc))
+                    health.failed(exc)
+                else:
+                    health.ok()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
                 self._wake.clear()
@@ -142,6 +158,8 @@ class EventLogReader:
         try:
             for event in events:
                 self._advance(event)
+                if self.on_principal is not None and is_principal_change(event):
+                    self.on_principal(event)
                 started = time.perf_counter()
                 outcomes, blocked = self.router.route_collecting(event)
                 if blocked:
@@ -174,6 +192,8 @@ class EventLogReader:
         """Route with ``route_async`` (set): the same bookkeeping as ``route``."""
         assert self.route_async is not None
         self._advance(event)
+        if self.on_principal is not None and is_principal_change(event):
+            self.on_principal(event)
         started = time.perf_counter()
         outcomes = await self.route_async(event)
         self._routed(event, outcomes, started)
@@ -199,7 +219,13 @@ class EventLogReader:
         self.metrics.position.set(event.id)
         self.metrics.count(outcomes, "router")
 
-    async def _listen(self, stop: asyncio.Event) -> None:
+    async def _listen(self, stop: asyncio.Event, loops: Loops) -> None:
+        # Without it the reader still polls (every poll_interval), only later.
+        health = loops.register(
+            "realtime-listener",
+            stale_after=stale_after_for(LISTEN_TIMEOUT),
+            event="event_log_listen_failed",
+        )
         while not stop.is_set():
             try:
                 conn = await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
@@ -208,8 +234,9 @@ class EventLogReader:
                     self.metrics.statements("listen")
                     self._wake.set()  # catch up on anything missed while not listening
                     while not stop.is_set():
+                        health.ok()
                         heard = False
-                        async for _ in conn.notifies(timeout=5.0, stop_after=1):
+                        async for _ in conn.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
                             self._wake.set()
                             heard = True
                         # Liveness, only after 5 s of silence: a notification just proved
@@ -218,8 +245,8 @@ class EventLogReader:
                         if not heard:
                             await conn.execute("select 1")
                             self.metrics.statements("listen")
-            except (psycopg.Error, OSError) as exc:
-                log.warning("event_log_listen_failed", error=str(exc))
+            except Exception as exc:
+                health.failed(exc)
                 await asyncio.sleep(1.0)
 
 

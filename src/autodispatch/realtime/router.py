@@ -5,6 +5,11 @@ the subscriptions under the event's old and new keys for its table, so the work 
 event grows with its recipients, not with the number of connections. Each candidate's
 decision is ``Event.variant_for`` (the RLS rule on stored keys, then the binding's
 filter), and each event's ``data`` is encoded once per variant and shared.
+
+Bindings of one channel may need different variants of one event (a ``status=eq.queued``
+list needs a DELETE when a request is accepted, an unfiltered binding the UPDATE).
+realtime-js calls a binding only for frames whose ``data.type`` it wants, so each variant
+goes out as its own frame listing exactly the bindings that want it (a ``Part``).
 """
 
 from __future__ import annotations
@@ -59,6 +64,24 @@ class Sink(Protocol):
         ...
 
 
+class Part(NamedTuple):
+    """One frame of an event for one subscription: a variant and the bindings wanting it."""
+
+    variant: Variant
+    ids: tuple[int, ...]
+
+
+class Decision(NamedTuple):
+    """What one subscription gets of one event (made for every candidate: a tuple).
+
+    When delivered, ``parts`` holds one ``Part`` per distinct variant the bindings need,
+    in the order of the first binding wanting each; every binding is in at most one."""
+
+    delivered: bool
+    reason: str  # 'delivered' or why not
+    parts: tuple[Part, ...] = ()
+
+
 @dataclass(eq=False, slots=True)
 class Subscription:
     keys: frozenset[str]
@@ -66,12 +89,21 @@ class Subscription:
     sink: Sink
     transport: str
     cursor: int = 0  # the last event id delivered (or skipped) for this subscription
-    buffering: bool = False  # while a resume replays from the database
+    buffering: bool = False  # while a resume replays, or a change of its keys is applied
     buffer: list[Event] = field(default_factory=list)
+    user_id: str | None = None  # whose keys these are (None: anonymous)
+    # The keys it is filed under in the router's index: ``keys``, or more of them while a
+    # change of its keys is being applied (events after the change are collected too).
+    indexed: frozenset[str] = field(default=frozenset())
+    # When a queue filled in the middle of an event's parts: that event's id and how many
+    # of its parts were queued, so that the retry sends only the rest.
+    partial_event: int = 0
+    partial_parts: int = 0
     tables: frozenset[str] = field(init=False)  # of the bindings (asked for every event)
-    # The one unfiltered binding of a table that has just one (most subscriptions): the
-    # router decides for it without the general loop of decide_bindings.
-    plain: dict[str, Binding] = field(init=False)
+    # The one unfiltered binding of a table that has just one (most subscriptions), with
+    # its decision for each variant made in advance: the router decides for it without
+    # the general loop of decide_bindings, and without allocating.
+    plain: dict[str, tuple[Binding, dict[Variant, Decision]]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.tables = frozenset(b.table for b in self.bindings)
@@ -79,16 +111,12 @@ class Subscription:
         for table in self.tables:
             of_table = [b for b in self.bindings if b.table == table]
             if len(of_table) == 1 and of_table[0].filter is None:
-                self.plain[table] = of_table[0]
-
-
-class Decision(NamedTuple):
-    """What one subscription gets of one event (made for every candidate: a tuple)."""
-
-    delivered: bool
-    reason: str  # 'delivered' or why not
-    ids: tuple[int, ...] = ()
-    variant: Variant | None = None
+                b = of_table[0]
+                ids = (b.id,)
+                self.plain[table] = (
+                    b,
+                    {v: Decision(True, "delivered", (Part(v, ids),)) for v in Variant},
+                )
 
 
 TableTypes = Mapping[str, Mapping[str, str]]
@@ -96,6 +124,7 @@ _NOT_SUBSCRIBED = Decision(False, "table_not_subscribed")
 _NOT_VISIBLE = Decision(False, "not_visible")
 _EVENT_TYPE_MISMATCH = Decision(False, "event_type_mismatch")
 _NO_TYPES: Mapping[str, str] = {}
+_NO_COLUMNS: list[dict[str, str]] = []
 
 
 def decide(sub: Subscription, event: Event, types: TableTypes) -> Decision:
@@ -109,12 +138,13 @@ def decide(sub: Subscription, event: Event, types: TableTypes) -> Decision:
         return _NOT_VISIBLE
     plain = sub.plain.get(event.table)
     if plain is not None:  # decide_bindings for one binding without a filter
+        binding, decisions = plain
         variant = event.variant_given(new_visible, old_visible, None, _NO_TYPES)
         if variant is None:
             return _NOT_VISIBLE
-        if plain.event != "*" and plain.event != event.delivered_type(variant):
+        if binding.event != "*" and binding.event != event.delivered_type(variant):
             return _EVENT_TYPE_MISMATCH
-        return Decision(True, "delivered", (plain.id,), variant)
+        return decisions[variant]
     table_types = types.get(event.table, _NO_TYPES)
     return decide_bindings(
         sub, event, lambda f: event.variant_given(new_visible, old_visible, f, table_types)
@@ -127,10 +157,10 @@ def decide_bindings(
     """Apply the subscription's bindings (filters, event types) to a visible event.
 
     ``variant(filter)`` says what the subscriber gets with that filter; the key router and
-    the SQL baseline differ only in how it decides visibility.
+    the SQL baseline differ only in how it decides visibility. Each binding gets what it
+    would get alone on its channel: the ids are grouped by variant, one part each.
     """
-    ids: list[int] = []
-    chosen: Variant | None = None
+    wanting: dict[Variant, list[int]] = {}
     reason = "not_visible"
     for binding in sub.bindings:
         if binding.table != event.table:
@@ -143,13 +173,14 @@ def decide_bindings(
         if not binding.wants(event.delivered_type(v)):
             reason = "event_type_mismatch"
             continue
-        # Bindings of one channel may disagree only through filters; the first match's
-        # variant is the one sent (every matching id is listed).
-        chosen = chosen or v
-        ids.append(binding.id)
-    if chosen is None:
+        ids = wanting.get(v)
+        if ids is None:
+            wanting[v] = [binding.id]
+        else:
+            ids.append(binding.id)
+    if not wanting:
         return Decision(False, reason)
-    return Decision(True, "delivered", tuple(ids), chosen)
+    return Decision(True, "delivered", tuple(Part(v, tuple(ids)) for v, ids in wanting.items()))
 
 
 class Router:
@@ -168,27 +199,37 @@ class Router:
         for batching in self.batching:
             batching.end()
 
-    def add(self, sub: Subscription) -> None:
+    def add(self, sub: Subscription, index: frozenset[str] | None = None) -> None:
+        """Register a subscription, filed under its keys (or ``index``, more of them)."""
         self.subscriptions.add(sub)
+        self._file(sub, sub.keys if index is None else index)
+
+    def _file(self, sub: Subscription, keys: frozenset[str]) -> None:
+        sub.indexed = keys
         for table in sub.tables:
-            for key in sub.keys:
+            for key in keys:
                 self._index[(table, key)].add(sub)
 
-    def remove(self, sub: Subscription) -> None:
-        self.subscriptions.discard(sub)
+    def _unfile(self, sub: Subscription) -> None:
         for table in sub.tables:
-            for key in sub.keys:
+            for key in sub.indexed:
                 bucket = self._index.get((table, key))
                 if bucket is not None:
                     bucket.discard(sub)
                     if not bucket:
                         del self._index[(table, key)]
 
-    def rekey(self, sub: Subscription, keys: frozenset[str]) -> None:
-        """A subscriber's keys changed (a refreshed token): move it in the index."""
-        self.remove(sub)
-        sub.keys = keys
-        self.add(sub)
+    def remove(self, sub: Subscription) -> None:
+        self.subscriptions.discard(sub)
+        self._unfile(sub)
+
+    def reindex(self, sub: Subscription, keys: frozenset[str]) -> None:
+        """File a registered subscription under these keys instead (it decides with
+        ``sub.keys`` all the same: see Hub for when the two differ)."""
+        if sub.indexed == keys or sub not in self.subscriptions:
+            return
+        self._unfile(sub)
+        self._file(sub, keys)
 
     def candidates(self, event: Event) -> set[Subscription]:
         found: set[Subscription] = set()
@@ -227,60 +268,78 @@ class Router:
                 outcomes[outcome] += 1
         return outcomes, blocked
 
-    def _decide_and_encode(self, sub: Subscription, event: Event) -> tuple[Decision, str | None]:
-        decision = decide(sub, event, self.types)
-        if not decision.delivered or decision.variant is None:
-            return decision, None
-        return decision, event.encoded(decision.variant, self.columns.get(event.table, []))
+    def offer(self, sub: Subscription, event: Event, parts: tuple[Part, ...]) -> bool:
+        """Queue each part of a delivered event as its own frame, without waiting, and
+        move the cursor; False when the queue filled first (the cursor stays put, and the
+        parts already queued are remembered: a retry of this event sends only the rest)."""
+        done = sub.partial_parts if sub.partial_event == event.id else 0
+        columns = self.columns.get(event.table, _NO_COLUMNS)
+        while done < len(parts):
+            variant, ids = parts[done]
+            if not sub.sink.offer(event, ids, event.encoded(variant, columns)):
+                sub.partial_event, sub.partial_parts = event.id, done
+                return False
+            done += 1
+        sub.cursor = event.id
+        return True
+
+    async def offer_wait(
+        self, sub: Subscription, event: Event, parts: tuple[Part, ...], timeout: float
+    ) -> bool:
+        """``offer``, waiting up to ``timeout`` for room for each part not yet queued."""
+        done = sub.partial_parts if sub.partial_event == event.id else 0
+        columns = self.columns.get(event.table, _NO_COLUMNS)
+        while done < len(parts):
+            variant, ids = parts[done]
+            if not await sub.sink.wait_offer(event, ids, event.encoded(variant, columns), timeout):
+                sub.partial_event, sub.partial_parts = event.id, done
+                return False
+            done += 1
+        sub.cursor = event.id
+        return True
 
     def deliver(self, sub: Subscription, event: Event) -> str:
         """Deliver one event to one subscription without waiting; return the outcome.
 
-        On ``queue_full`` the cursor stays put, so the same event can be delivered again.
+        On ``queue_full`` the cursor stays put, so the same event can be delivered again
+        (its parts that were queued are not sent again).
         """
         if event.id <= sub.cursor:
             return "duplicate"
-        decision, data = self._decide_and_encode(sub, event)
-        if data is None:
+        decision = decide(sub, event, self.types)
+        if not decision.delivered:
             sub.cursor = event.id
             return decision.reason
-        if not sub.sink.offer(event, decision.ids, data):
+        if not self.offer(sub, event, decision.parts):
             return "queue_full"
-        sub.cursor = event.id
         return "delivered"
 
     async def deliver_wait(self, sub: Subscription, event: Event, timeout: float) -> str:
         """Deliver one event, waiting up to ``timeout`` for room; close the sink if none came."""
         if event.id <= sub.cursor:
             return "duplicate"
-        decision, data = self._decide_and_encode(sub, event)
-        if data is None:
+        decision = decide(sub, event, self.types)
+        if not decision.delivered:
             sub.cursor = event.id
             return decision.reason
-        if not await sub.sink.wait_offer(event, decision.ids, data, timeout):
+        if not await self.offer_wait(sub, event, decision.parts, timeout):
             sub.sink.close("slow_consumer")
             return "slow_consumer"
-        sub.cursor = event.id
         return "delivered"
 
-    def finish_replay(self, sub: Subscription) -> dict[str, int]:
-        """After a resume's replay: deliver what arrived meanwhile (without waiting)."""
-        outcomes: dict[str, int] = defaultdict(int)
-        buffered, sub.buffer = sub.buffer, []
-        for event in buffered:
-            outcomes[self.deliver(sub, event)] += 1
-        sub.buffering = False
-        return outcomes
-
-    async def finish_replay_wait(self, sub: Subscription, timeout: float) -> dict[str, int]:
-        """After a resume's replay: deliver what arrived meanwhile, waiting for room, then
-        go live. Events routed while this waits join the buffer, so order is kept."""
-        outcomes: dict[str, int] = defaultdict(int)
-        while sub.buffer:
-            event = sub.buffer.pop(0)
-            outcomes[await self.deliver_wait(sub, event, timeout)] += 1
-        sub.buffering = False
-        return outcomes
+    async def deliver_removal_wait(self, sub: Subscription, event: Event, timeout: float) -> bool:
+        """Send one removal of a key change (realtime/principals.py), decided with the
+        subscription's keys before the change, without moving its cursor (the change's
+        own id does that). False when no room came: the sink is then closed."""
+        decision = decide(sub, event, self.types)
+        if not decision.delivered:
+            return True
+        columns = self.columns.get(event.table, _NO_COLUMNS)
+        for variant, ids in decision.parts:
+            if not await sub.sink.wait_offer(event, ids, event.encoded(variant, columns), timeout):
+                sub.sink.close("slow_consumer")
+                return False
+        return True
 
     def explain(self, keys: Iterable[str], event: Event, binding: Binding | None = None) -> str:
         """A sentence saying whether a principal with these keys gets the event, and why."""
@@ -292,9 +351,10 @@ class Router:
             transport="explain",
         )
         decision = decide(sub, event, self.types)
-        if decision.delivered:
+        if decision.delivered:  # one binding: one part
             shared = sorted(principal & (event.new_keys | event.old_keys))
-            kind = "a removal (DELETE)" if decision.variant is Variant.REMOVAL else event.type
+            removal = decision.parts[0].variant is Variant.REMOVAL
+            kind = "a removal (DELETE)" if removal else event.type
             return f"delivered as {kind}: the principal holds {', '.join(shared)}"
         return (
             f"not delivered ({decision.reason}): the row's keys are new {sorted(event.new_keys)}"

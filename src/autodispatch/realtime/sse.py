@@ -20,7 +20,9 @@ from autodispatch.api import deps
 from autodispatch.domain.errors import BadRequest, InvalidInput
 from autodispatch.domain.principal import Principal
 from autodispatch.realtime.events import Event
-from autodispatch.realtime.hub import Hub, QueueSink
+from autodispatch.realtime.hub import Hub
+from autodispatch.realtime.principals import NO_CURSOR
+from autodispatch.realtime.queue_sink import QueueSink
 from autodispatch.realtime.router import Binding
 
 router = APIRouter(tags=["realtime"])
@@ -50,6 +52,8 @@ def _system_error(message: str) -> bytes:
 
 
 def _sse_frame(event: Event, ids: tuple[int, ...], data_json: str) -> bytes:
+    if event.id == NO_CURSOR:  # a removal before the last of its key change: no cursor
+        return f"event: postgres_changes\ndata: {data_json}\n\n".encode()
     return f"id: {event.id}\nevent: postgres_changes\ndata: {data_json}\n\n".encode()
 
 
@@ -86,10 +90,9 @@ async def sse(
                 code="invalid_cursor",
             )
         resume_from = int(cursor_text)
-    keys = await realtime.keys_for(caller)
     bindings = tuple(Binding(id=i, table=t, event="*") for i, t in enumerate(dict.fromkeys(wanted)))
     sink = QueueSink(realtime.settings.queue_size, _sse_frame)
-    sub = await realtime.subscribe(keys, bindings, sink, "sse", resume_from)
+    sub = await realtime.subscribe(caller, bindings, sink, "sse", resume_from)
     expires = caller.claims.get("exp") if not caller.is_anonymous else None
     metrics = realtime.metrics
 

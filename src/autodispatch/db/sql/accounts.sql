@@ -14,13 +14,13 @@ values (%(user_id)s, %(workshop_id)s, %(display_name)s)
 returning id, user_id, workshop_id, display_name;
 
 -- name: user_by_email
-select u.id, u.email, u.password_hash, u.created_at, p.account_type, p.full_name
+select u.id, u.email, u.password_hash, u.created_at, u.disabled_at, p.account_type, p.full_name
 from auth.users u
 join public.profiles p on p.id = u.id
 where u.email = %(email)s;
 
 -- name: user_by_id
-select u.id, u.email, u.password_hash, u.created_at, p.account_type, p.full_name
+select u.id, u.email, u.password_hash, u.created_at, u.disabled_at, p.account_type, p.full_name
 from auth.users u
 join public.profiles p on p.id = u.id
 where u.id = %(id)s;

@@ -7,11 +7,19 @@ where a.id = %(assignment_id)s;
 
 -- name: open_queue
 -- The requests the caller may take, oldest first. Row-level security narrows this to
--- what the caller may see; the status filter keeps only what can still be taken.
-select a.id, a.session_id, a.status, a.workshop_id, a.mechanic_id, a.mechanic_name, a.offered_to,
-       a.offer_expires_at, a.request_summary, a.queued_at, a.accepted_at, a.ended_at,
-       a.created_at, a.updated_at
+-- what the caller may see; the status filter keeps only what can still be taken. An
+-- offer past its expiry is back in the queue whether or not the expiry task has run yet
+-- (migration 0005): it is shown as queued, as api.accept_assignment treats it.
+select a.id, a.session_id,
+       case when l.lapsed then 'queued' else a.status end as status,
+       a.workshop_id, a.mechanic_id, a.mechanic_name,
+       case when l.lapsed then null else a.offered_to end as offered_to,
+       case when l.lapsed then null else a.offer_expires_at end as offer_expires_at,
+       a.request_summary, a.queued_at, a.accepted_at, a.ended_at, a.created_at, a.updated_at
 from public.session_assignments a
+cross join lateral (
+  select a.status = 'offered' and a.offer_expires_at <= now() as lapsed
+) l
 where a.status in ('queued', 'offered')
 order by a.queued_at, a.id
 limit %(limit)s;

@@ -21,8 +21,9 @@ left join lateral (
   select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys, old_keys
   from realtime.events
   where id > %(after)s
-    and table_name = any(%(tables)s)
-    and (new_keys && %(keys)s or old_keys && %(keys)s)
+    and ((table_name = any(%(tables)s) and (new_keys && %(keys)s or old_keys && %(keys)s))
+         -- and the changes of the subscriber's own keys (migration 0006), in their place
+         or (schema_name = 'auth' and table_name = 'principals' and row_id = %(user_id)s))
   order by id
   limit %(limit)s
 ) e on true
@@ -36,6 +37,25 @@ where id = %(id)s;
 
 -- name: principal_keys_for
 select auth.principal_keys_for(%(user_id)s) as keys;
+
+-- name: principal_keys_and_head
+-- A subscriber's keys and the log's head in one snapshot: every change of those keys
+-- up to `head` is in them, and any later one is an event after `head`.
+select auth.principal_keys_for(%(user_id)s) as keys,
+       (select last_id from realtime.stream where id = 1) as head;
+
+-- name: principal_changes_after
+-- How one user's keys changed after a cursor (migration 0006), in order.
+select id, record -> 'keys' as keys, old_record -> 'keys' as old_keys
+from realtime.events
+where schema_name = 'auth' and table_name = 'principals' and row_id = %(user_id)s
+  and id > %(after)s
+order by id;
+
+-- name: rows_leaving_view
+-- The rows of these tables that keys `had` could see at event `at` and keys `has` cannot.
+select table_name, record, keys
+from realtime.rows_leaving_view(%(tables)s, %(at)s, %(had)s, %(has)s, %(limit)s);
 
 -- name: column_types
 -- Column types as realtime-js expects them in `columns` (pg_type names: int4, uuid, _text...).

@@ -531,8 +531,11 @@ class Channel {
     if (!data) return;
     const id = typeof data.event_id === 'number' ? data.event_id : null;
     if (id !== null) {
-      if (this.seen.has(id)) return; // de-duplicated: handled once already
-      this.seen.add(id);
+      // One event may come as several frames, one per variant the bindings need (an
+      // UPDATE for one binding, a DELETE for a filtered one): each is handled once.
+      const seenKey = `${id}:${(payload.ids || []).join(',')}:${data.type}`;
+      if (this.seen.has(seenKey)) return; // de-duplicated: handled once already
+      this.seen.add(seenKey);
       if (this.seen.size > DEDUP_LIMIT) this.seen.delete(this.seen.values().next().value);
     }
     // Compare event types in one case, whatever a server sends.
@@ -555,6 +558,17 @@ class Channel {
 
   _system(payload) {
     this.socket.log({ kind: 'system', topic: this.topic, message: `${payload.extension}: ${payload.status}: ${payload.message}` });
+    if (payload.status === 'error' && String(payload.message).startsWith('ResyncRequired')) {
+      // phx_close follows: rejoin afresh, not from a cursor whose history is gone.
+      this.cursor = null;
+      this.seen.clear();
+      try {
+        this.onResync();
+      } catch (error) {
+        console.error('onResync failed', error);
+      }
+      return;
+    }
     if (payload.extension === 'postgres_changes' && payload.status === 'ok') {
       this._setState('subscribed');
       return;
