@@ -269,6 +269,8 @@ class Channel:
     async def wait_offer(
         self, event: Event, ids: tuple[int, ...], data_json: str, timeout: float
     ) -> bool:
+        if self.conn.channels.get(self.topic) is not self and self._held is None:
+            return False  # left, expired or replaced: a replay still running writes nothing
         frame = self._frame(event, ids, data_json)
         if self._held is not None:
             self._held.append((event, frame))

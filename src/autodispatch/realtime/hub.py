@@ -260,12 +260,16 @@ class Hub:
         try:
             while sub.buffer:
                 event = sub.buffer.pop(0)
+                if sub not in self.router.subscriptions:
+                    return  # unsubscribed meanwhile: send nothing more
                 if is_principal_change(event):
                     if not await self._apply_key_change(sub, event):
+                        self.unsubscribe(sub)
                         return
                     continue
                 outcome = await self.router.deliver_wait(sub, event, timeout)
                 if outcome == "slow_consumer":
+                    self.unsubscribe(sub)
                     return
                 outcomes[outcome] += 1
         except ResyncRequired:
@@ -366,6 +370,8 @@ class Hub:
                 raise ResyncRequired(_pruned(after, pruned_through))
             events = [Event.from_row(row) for row in rows if row["id"] is not None]
             for event in events:
+                if sub not in self.router.subscriptions:
+                    return False  # unsubscribed meanwhile: send nothing more
                 if is_principal_change(event):
                     if not await self._apply_key_change(sub, event):
                         return False
