@@ -9,7 +9,6 @@ meanwhile after it.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,15 @@ import pytest
 from live_servers import WIRES, serve_live
 from prometheus_client import CollectorRegistry
 from psycopg.rows import dict_row
-from test_ws_protocol import FLAGS, WAIT, Raw, anon_key, socket_url
+from test_ws_protocol import (
+    FLAGS,
+    WAIT,
+    Raw,
+    anon_key,
+    log_head,
+    produce_flag_events,
+    socket_url,
+)
 from websockets.asyncio.client import connect
 
 from autodispatch.db.database import Database
@@ -36,33 +43,10 @@ from conftest import SSE, LiveServer, LiveWorld
 QUEUE = 20  # frames a client's queue holds on these servers
 
 
-async def log_head(db_url: str) -> int:
-    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-        cur = await conn.execute("select last_id from realtime.stream where id = 1")
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def flag_events(db_url: str, count: int, size: int = 64) -> list[int]:
     """``count`` INSERT events on feature_flags (public: everyone may see them), committed
     in one transaction, each about ``size`` bytes of random text; their event ids."""
-    before = await log_head(db_url)
-    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-        await conn.execute(
-            """
-            insert into public.feature_flags (key, description)
-            select %(prefix)s || g,
-                   (select string_agg(md5(random()::text || g || i), '')
-                    from generate_series(1, %(chunks)s) i)
-            from generate_series(1, %(count)s) g
-            order by g
-            """,
-            {"prefix": f"r_{secrets.token_hex(4)}_", "chunks": max(1, size // 32), "count": count},
-        )
-    after = await log_head(db_url)
-    assert after - before == count
-    return list(range(before + 1, after + 1))
+    return await produce_flag_events(db_url, count, size)
 
 
 def resuming(server: LiveServer) -> bool:

@@ -442,13 +442,7 @@ class Channel {
     const reason = (reply.response && reply.response.reason) || reply.status;
     this.socket.log({ kind: 'error', topic: this.topic, message: `join refused: ${reason}` });
     if (String(reason).startsWith('ResyncRequired')) {
-      this.cursor = null;
-      this.seen.clear();
-      try {
-        this.onResync();
-      } catch (error) {
-        console.error('onResync failed', error);
-      }
+      this._forgetCursor();
       this.join();
       return;
     }
@@ -560,13 +554,7 @@ class Channel {
     this.socket.log({ kind: 'system', topic: this.topic, message: `${payload.extension}: ${payload.status}: ${payload.message}` });
     if (payload.status === 'error' && String(payload.message).startsWith('ResyncRequired')) {
       // phx_close follows: rejoin afresh, not from a cursor whose history is gone.
-      this.cursor = null;
-      this.seen.clear();
-      try {
-        this.onResync();
-      } catch (error) {
-        console.error('onResync failed', error);
-      }
+      this._forgetCursor();
       return;
     }
     if (payload.extension === 'postgres_changes' && payload.status === 'ok') {
@@ -576,6 +564,17 @@ class Channel {
     if (payload.status === 'error' && /token has expired/i.test(String(payload.message))) {
       // phx_close follows; refresh first so the rejoin carries a valid token.
       this.onTokenRejected().catch((error) => console.error('token refresh failed', error));
+    }
+  }
+
+  /** The server no longer has this cursor's history: the next join starts afresh. */
+  _forgetCursor() {
+    this.cursor = null;
+    this.seen.clear();
+    try {
+      this.onResync();
+    } catch (error) {
+      console.error('onResync failed', error);
     }
   }
 
