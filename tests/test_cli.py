@@ -123,6 +123,8 @@ async def test_openapi_document_matches_the_routes(world: World) -> None:
     }
     assert len(routes) > 15
     assert documented == routes
+    token = r.json()["paths"]["/auth/v1/token"]["post"]["responses"]
+    assert "account_disabled" in token["403"]["description"]
     for path in (
         "/auth/v1/token",
         "/auth/v1/signup",

@@ -85,6 +85,22 @@ def test_migrations_build_the_expected_schema(db_url: str) -> None:
         } <= triggers
 
 
+def test_the_api_roles_can_call_no_function_of_the_internal_schemas(db_url: str) -> None:
+    """anon and authenticated reach the data through RLS and the api.* functions only:
+    no function of the realtime schema (event log, re-keying, removals) is executable by
+    them, including those added by later migrations (a new function is executable by
+    PUBLIC unless revoked)."""
+    with psycopg.connect(db_url) as conn:
+        callable_ = conn.execute(
+            "select r.rolname, p.oid::regprocedure::text from pg_proc p"
+            " join pg_namespace n on n.oid = p.pronamespace"
+            " cross join pg_roles r"
+            " where n.nspname = 'realtime' and r.rolname in ('anon', 'authenticated')"
+            " and has_function_privilege(r.oid, p.oid, 'EXECUTE')"
+        ).fetchall()
+    assert callable_ == []
+
+
 def test_migrate_is_idempotent_and_at_head(db_url: str) -> None:
     """Running the migrations again changes nothing and the database is at head."""
     assert migrate.upgrade(db_url) == (migrate.head(), migrate.head())

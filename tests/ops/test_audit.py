@@ -369,6 +369,7 @@ async def test_schema_damage_is_named_with_its_fix(db_url: str) -> None:
         """
         alter table sessions disable trigger sessions_guard;
         drop trigger a_realtime_capture on feature_flags;
+        drop trigger principal_changed on mechanics;
         create policy "Mechanics can view assignments for realtime" on session_assignments
           for select to authenticated using (true);
         create policy "writes" on sessions for update to authenticated using (true);
@@ -405,12 +406,19 @@ async def test_schema_damage_is_named_with_its_fix(db_url: str) -> None:
         return finding(report, code).rows
 
     assert rows("trigger_disabled")[0]["trigger"] == "sessions_guard"
-    assert rows("trigger_missing") == [
+    assert sorted(rows("trigger_missing"), key=lambda r: r["table"]) == [
         {
             "table": "public.feature_flags",
             "trigger": "a_realtime_capture",
             "purpose": "writes every change to the event log (realtime delivery)",
-        }
+        },
+        {
+            "table": "public.mechanics",
+            "trigger": "principal_changed",
+            "purpose": (
+                "tells the gateways when what a user may see changes (re-keys subscriptions)"
+            ),
+        },
     ]
     assert rows("policy_too_broad")[0]["policy"] == "Mechanics can view assignments for realtime"
     assert rows("policy_grants_writes")[0]["policy"] == "writes"

@@ -44,9 +44,17 @@ def rule_violations(
 
 
 def received(bindings: Iterable[Binding], frames: Iterable[Frame]) -> dict[int, list[Any]]:
-    """The ``data`` objects realtime-js hands each binding, in order."""
+    """The ``data`` objects realtime-js hands each binding, in order (without our
+    ``partial`` mark, which says where a cursor may move, not what the row is)."""
     frames = list(frames)
-    return {b.id: [data for ids, data in frames if calls(b, ids, data)] for b in bindings}
+    return {
+        b.id: [
+            {k: v for k, v in data.items() if k != "partial"}
+            for ids, data in frames
+            if calls(b, ids, data)
+        ]
+        for b in bindings
+    }
 
 
 def alone(

@@ -9,6 +9,7 @@ queue read through the API says the same.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ import httpx
 import psycopg
 import pytest
 from live_servers import NATIVE, WIRES, serve_live
-from test_ws_protocol import ASSIGNMENTS, FLAGS, raw_socket
+from test_ws_protocol import ASSIGNMENTS, FLAGS, log_head, raw_socket
 
 from conftest import SSE, Account, LiveWorld
 
@@ -38,16 +39,20 @@ async def transport(
 
 
 @asynccontextmanager
-async def subscribed(kind: str, world: LiveWorld, who: Account) -> AsyncIterator[NextRows]:
-    """A live subscription to session_assignments and feature_flags as ``who``; yields a
-    function returning the next ``n`` row events (their ``data``), in order."""
+async def subscribed(
+    kind: str, world: LiveWorld, who: Account, resume_from: int | None = None
+) -> AsyncIterator[NextRows]:
+    """A live subscription to session_assignments and feature_flags as ``who`` (resuming
+    after ``resume_from`` when given); yields a function returning the next ``n`` row
+    events (their ``data``), in order."""
     if kind == SSE_TRANSPORT:
+        resume = {} if resume_from is None else {"Last-Event-ID": str(resume_from)}
         async with (
             httpx.AsyncClient(timeout=10) as client,
             client.stream(
                 "GET",
                 f"{world.server.base}/realtime/v1/sse?tables=session_assignments,feature_flags",
-                headers=who.headers,
+                headers={**who.headers, **resume},
             ) as response,
         ):
             assert response.status_code == 200
@@ -65,7 +70,9 @@ async def subscribed(kind: str, world: LiveWorld, who: Account) -> AsyncIterator
         return
     async with raw_socket(world.server) as raw:
         topic = "realtime:queue"
-        reply = await raw.join(topic, [ASSIGNMENTS, FLAGS], token=who.token)
+        reply = await raw.join(
+            topic, [ASSIGNMENTS, FLAGS], token=who.token, resume_from=resume_from
+        )
         assert reply.payload["status"] == "ok", reply
         await raw.wait_for("subscribed", lambda: raw.matching(topic, "system"))
         taken = 0
@@ -195,3 +202,82 @@ async def test_a_disabled_account_gets_removals_then_only_public_rows(
             json={"email": rita.email, "password": "password-123"},
         )
         assert r.status_code == 403 and r.json()["error"]["code"] == "account_disabled", r.text
+
+
+def changes_of(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(r["type"], (r["record"] or r["old_record"])["id"]) for r in rows]
+
+
+async def test_a_resume_across_moves_gets_what_a_live_subscriber_got(
+    transport: tuple[str, LiveWorld],
+) -> None:
+    """Rita is moved South -> North -> East while one of her pages is offline. Resuming
+    from before the first move, it gets exactly what her page that stayed connected got:
+    the South request and its removal, the North request (let in by the first move) and
+    its removal, then the East and general requests. A replay that decided what follows a
+    move with the keys from before it would miss the North request."""
+    kind, world = transport
+    customer = await world.make("cara", "customer")
+    rita = await world.make("rita", "mechanic", workshop="South")
+    nora = await world.make("nora", "mechanic", workshop="North")
+    erin = await world.make("erin", "mechanic", workshop="East")
+    move = "update public.mechanics set workshop_id = %s where user_id = %s"
+    cursor = await log_head(world.db_url)
+    async with httpx.AsyncClient(timeout=10) as http, subscribed(kind, world, rita) as live:
+        await world.queued(http, customer, rita.workshop_id)
+        await sql(world, move, nora.workshop_id, rita.id)
+        await world.queued(http, customer, nora.workshop_id)
+        await sql(world, move, erin.workshop_id, rita.id)
+        await world.queued(http, customer, erin.workshop_id)
+        await world.queued(http, customer)
+        seen_live = changes_of(await fence(world, live))
+    assert [t for t, _ in seen_live] == ["UPDATE", "DELETE", "UPDATE", "DELETE", "UPDATE", "UPDATE"]
+
+    async with subscribed(kind, world, rita, resume_from=cursor) as resumed:
+        seen_resumed: list[dict[str, Any]] = []
+        while not seen_resumed or seen_resumed[-1]["table"] != "feature_flags":
+            seen_resumed += await resumed(1)
+    assert changes_of(seen_resumed[:-1]) == seen_live
+
+
+async def test_a_move_between_reading_the_keys_and_subscribing_is_applied(
+    transport: tuple[str, LiveWorld],
+) -> None:
+    """Rita is moved in the instant after her fresh subscription read her keys, and the
+    log reader routes the move before the subscription is registered. The join still
+    succeeds: she gets the removal of the South request the move took away, then only
+    what the North workshop may see. (The move is committed from inside the server's own
+    read of the keys: the only way to hit that instant every time.)"""
+    kind, world = transport
+    customer = await world.make("cara", "customer")
+    rita = await world.make("rita", "mechanic", workshop="South")
+    nora = await world.make("nora", "mechanic", workshop="North")
+    hub = world.server.app.state.realtime
+    read_keys = hub._keys_and_head
+
+    async def keys_then_move(user_id: Any) -> Any:
+        found = await read_keys(user_id)
+        async with await psycopg.AsyncConnection.connect(world.db_url, autocommit=True) as conn:
+            await conn.execute(
+                "update public.mechanics set workshop_id = %s where user_id = %s",
+                (nora.workshop_id, rita.id),
+            )
+            cur = await conn.execute("select last_id from realtime.stream where id = 1")
+            row = await cur.fetchone()
+        assert row is not None
+        while hub.reader.position < row[0]:
+            await asyncio.sleep(0.01)
+        return found
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        south = (await world.queued(http, customer, rita.workshop_id))["assignment"]["id"]
+        hub._keys_and_head = keys_then_move
+        try:
+            async with subscribed(kind, world, rita) as rows:
+                hub._keys_and_head = read_keys
+                assert removal_ids(await rows(1)) == [south]
+                await world.queued(http, customer, rita.workshop_id)
+                north = (await world.queued(http, customer, nora.workshop_id))["assignment"]
+                assert changes_of(await fence(world, rows)) == [("UPDATE", north["id"])]
+        finally:
+            hub._keys_and_head = read_keys

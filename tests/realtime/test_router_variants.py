@@ -66,6 +66,7 @@ class Recorder:
 
     def __init__(self, room: int | None = None, room_when_waiting: int | None = None) -> None:
         self.frames: list[tuple[int, tuple[int, ...], str]] = []
+        self.events: list[Event] = []
         self.room = room
         self.room_when_waiting = room_when_waiting
         self.closed: list[str] = []
@@ -76,6 +77,7 @@ class Recorder:
                 return False
             self.room -= 1
         self.frames.append((event.id, ids, data_json))
+        self.events.append(event)
         return True
 
     async def wait_offer(
@@ -329,3 +331,21 @@ async def test_sql_baseline_sends_each_part_once_through_a_full_queue() -> None:
     assert dict(await baseline.route(e)) == {"delivered": 1}
     assert sub.cursor == 9
     check_frames(TWO_PARTS, sink, [e])
+
+
+def test_only_the_last_frame_of_an_event_moves_the_cursor() -> None:
+    """The frames of one event before its last carry its id (for de-duplication) and
+    ``partial``, and SSE writes no ``id:`` for them: a client cut off between the parts
+    resumes from before the event and gets them all again, not only the first."""
+    from autodispatch.realtime.sse import _sse_frame
+
+    router, sink = Router(TYPES, COLUMNS), Recorder()
+    subscribe(router, TWO_PARTS, sink)
+    router.route(event(event_id=9))
+    (_, first_ids, first_json), (_, last_ids, last_json) = sink.frames
+    assert (first_ids, last_ids) == ((1,), (2,))
+    assert json.loads(first_json)["partial"] is True and json.loads(first_json)["event_id"] == 9
+    assert "partial" not in json.loads(last_json) and json.loads(last_json)["event_id"] == 9
+    first_event, last_event = sink.events
+    assert not _sse_frame(first_event, first_ids, first_json).startswith(b"id:")
+    assert _sse_frame(last_event, last_ids, last_json).startswith(b"id: 9\n")

@@ -408,6 +408,32 @@ async def test_leave_replies_ok_then_closes_the_channel(live: LiveWorld) -> None
         assert raw.rows("realtime:q") == []
 
 
+async def test_a_rejoin_of_the_same_topic_gets_binding_ids_the_old_channel_never_had(
+    live: LiveWorld,
+) -> None:
+    """Frames of the left channel may still be on the wire when the same topic is joined
+    again. Postgres-changes frames carry no join_ref, so clients (realtime-js matches a
+    frame's ids against its bindings) tell them apart by their binding ids: those of a
+    connection are never reused."""
+    mo = await live.make("mo", "mechanic")
+    async with raw_socket(live.server) as raw:
+        first = ok_response(await raw.join("realtime:q", [FLAGS], token=mo.token))
+        await set_flag_description(live.db_url, "for the first channel")
+        await raw.push("realtime:q", "phx_leave", {})
+        second = await raw.join("realtime:q", [FLAGS], token=mo.token)
+        old_ids = {e["id"] for e in first["postgres_changes"]}
+        new_ids = {e["id"] for e in ok_response(second)["postgres_changes"]}
+        assert old_ids.isdisjoint(new_ids), (old_ids, new_ids)
+        await set_flag_description(live.db_url, "for the second channel")
+        await raw.wait_for(
+            "the second channel's row",
+            lambda: any(
+                m.payload["ids"] == sorted(new_ids)
+                for m in raw.matching("realtime:q", "postgres_changes")
+            ),
+        )
+
+
 # --- authentication ---------------------------------------------------------------------
 
 

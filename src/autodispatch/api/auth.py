@@ -7,7 +7,15 @@ from typing import Any, Literal
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 
 from autodispatch.api import deps
-from autodispatch.api.models import ERRORS, PasswordGrant, RefreshGrant, Signup, TokenResponse, User
+from autodispatch.api.models import (
+    ERRORS,
+    ErrorResponse,
+    PasswordGrant,
+    RefreshGrant,
+    Signup,
+    TokenResponse,
+    User,
+)
 from autodispatch.domain.errors import InvalidInput
 from autodispatch.domain.principal import Principal
 
@@ -18,7 +26,17 @@ def _address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-@router.post("/token", response_model=TokenResponse)
+@router.post(
+    "/token",
+    response_model=TokenResponse,
+    responses={
+        403: {
+            "model": ErrorResponse,
+            "description": "`account_disabled`: an admin disabled this account; it can"
+            " neither sign in nor refresh",
+        }
+    },
+)
 async def token(
     request: Request,
     grant_type: Literal["password", "refresh_token"] = Query(),

@@ -34,6 +34,7 @@ EXPECTED_TABLES: dict[str, str] = {
     "public.probe_pings": "0003",
     "realtime.push_cursor": "0003",
     "realtime.gateways": "0004",
+    "realtime.principals": "0006",
 }
 
 
@@ -80,6 +81,13 @@ EXPECTED_TRIGGERS: dict[tuple[str, str], tuple[str, str]] = {
         "gives each event its id at commit (in commit order)",
     ),
 }
+# Tables whose rows decide a user's visibility keys: a change writes an auth.principals
+# event the gateways re-key that user's subscriptions on (trigger principal_changed).
+for _table in ("public.profiles", "public.mechanics", "auth.users"):
+    EXPECTED_TRIGGERS[(_table, "principal_changed")] = (
+        "realtime.principal_changed",
+        "tells the gateways when what a user may see changes (re-keys subscriptions)",
+    )
 # Tables whose changes are captured in the event log (trigger a_realtime_capture).
 CAPTURED_TABLES = (
     "public.sessions",

@@ -8,7 +8,7 @@ row-level security applies: ``keys(row) && principal_keys``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -42,10 +42,28 @@ class Event:
     # Each recipient's frame, built once per (wire, topic, binding ids, vsn, data) and
     # shared: most recipients of an event get byte-identical frames (see Channel.offer).
     frames: dict[tuple[object, ...], Any] = field(default_factory=dict, repr=False)
+    # False for the frames of an event before its last one to a subscriber (several
+    # bindings wanting different variants): they carry the event's id, for de-duplication,
+    # and "partial": true, and move no cursor (SSE: no ``id:``), so a client cut off
+    # between them resumes from before the event and gets all its frames again.
+    final: bool = True
+    _partial: Event | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.keys = self.new_keys | self.old_keys
         self.at_ts = self.at.timestamp()
+
+    @property
+    def moves_cursor(self) -> bool:
+        """Whether a client may resume after this frame's event once it has it."""
+        return self.final and self.id != 0  # 0: a removal before the last of a key change
+
+    def partial(self) -> Event:
+        """This event as a frame before its last one (``final`` False), made once."""
+        twin = self._partial
+        if twin is None:
+            twin = self._partial = replace(self, final=False, _encoded={}, frames={})
+        return twin
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Event:
@@ -111,6 +129,8 @@ class Event:
         }
         if self.id:  # 0: a removal before the last of a key change carries no cursor
             data["event_id"] = self.id
+        if not self.final:
+            data["partial"] = True
         if variant is Variant.REMOVAL:
             data["old_record"] = self.old_record
         else:

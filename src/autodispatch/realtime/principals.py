@@ -50,10 +50,6 @@ class KeyChange:
     def from_row(cls, row: Mapping[str, Any]) -> KeyChange:
         return cls(int(row["id"]), frozenset(row["old_keys"] or ()), frozenset(row["keys"] or ()))
 
-    @property
-    def lost(self) -> frozenset[str]:
-        return self.old - self.new
-
 
 def _keys(record: Mapping[str, Any] | None) -> frozenset[str]:
     return frozenset((record or {}).get("keys") or ())

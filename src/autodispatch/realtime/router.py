@@ -274,9 +274,11 @@ class Router:
         parts already queued are remembered: a retry of this event sends only the rest)."""
         done = sub.partial_parts if sub.partial_event == event.id else 0
         columns = self.columns.get(event.table, _NO_COLUMNS)
-        while done < len(parts):
+        last = len(parts) - 1
+        while done <= last:
             variant, ids = parts[done]
-            if not sub.sink.offer(event, ids, event.encoded(variant, columns)):
+            frame = event if done == last else event.partial()
+            if not sub.sink.offer(frame, ids, frame.encoded(variant, columns)):
                 sub.partial_event, sub.partial_parts = event.id, done
                 return False
             done += 1
@@ -289,9 +291,11 @@ class Router:
         """``offer``, waiting up to ``timeout`` for room for each part not yet queued."""
         done = sub.partial_parts if sub.partial_event == event.id else 0
         columns = self.columns.get(event.table, _NO_COLUMNS)
-        while done < len(parts):
+        last = len(parts) - 1
+        while done <= last:
             variant, ids = parts[done]
-            if not await sub.sink.wait_offer(event, ids, event.encoded(variant, columns), timeout):
+            frame = event if done == last else event.partial()
+            if not await sub.sink.wait_offer(frame, ids, frame.encoded(variant, columns), timeout):
                 sub.partial_event, sub.partial_parts = event.id, done
                 return False
             done += 1

@@ -21,7 +21,6 @@ from autodispatch.domain.errors import BadRequest, InvalidInput
 from autodispatch.domain.principal import Principal
 from autodispatch.realtime.events import Event
 from autodispatch.realtime.hub import Hub
-from autodispatch.realtime.principals import NO_CURSOR
 from autodispatch.realtime.queue_sink import QueueSink
 from autodispatch.realtime.router import Binding
 
@@ -52,7 +51,8 @@ def _system_error(message: str) -> bytes:
 
 
 def _sse_frame(event: Event, ids: tuple[int, ...], data_json: str) -> bytes:
-    if event.id == NO_CURSOR:  # a removal before the last of its key change: no cursor
+    if not event.moves_cursor:  # a removal before the last of its key change, or a frame
+        # before the last of an event's frames: no cursor
         return f"event: postgres_changes\ndata: {data_json}\n\n".encode()
     return f"id: {event.id}\nevent: postgres_changes\ndata: {data_json}\n\n".encode()
 

@@ -57,7 +57,7 @@ join pg_class c on c.oid = t.tgrelid
 join pg_namespace n on n.oid = c.relnamespace
 join pg_proc p on p.oid = t.tgfoid
 join pg_namespace pn on pn.oid = p.pronamespace
-where not t.tgisinternal and n.nspname in ('public', 'realtime');
+where not t.tgisinternal and n.nspname in ('public', 'realtime', 'auth');
 
 -- name: audit_row_security
 -- Each public table: row-level security on, and whether the API's roles can read it (a

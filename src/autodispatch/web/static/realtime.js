@@ -540,7 +540,9 @@ class Channel {
       console.error('a realtime handler failed', error);
       this.socket.log({ kind: 'error', topic: this.topic, message: `handler failed: ${error}` });
     }
-    if (id !== null && (this.cursor === null || id > this.cursor)) {
+    // A frame before the last of its event's frames ("partial") moves no cursor: cut off
+    // there, the channel resumes from before the event and gets the rest.
+    if (id !== null && !data.partial && (this.cursor === null || id > this.cursor)) {
       this.cursor = id;
       try {
         this.onCursor(id);
