@@ -102,9 +102,11 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             retention_seconds=settings.event_retention_seconds,
             queue_size=settings.realtime_queue_size,
             routing=settings.realtime_routing,  # "keys" unless benchmarking the baseline
+            sequence_poll_interval=settings.realtime_sequence_poll_interval,
         ),
         loops,
     )
+    db.on_write_commit = realtime.sequencer.poke  # a write's events get their ids at once
 
     pusher = PushSender(
         db,

@@ -432,6 +432,72 @@ def bench_contention(
     out.print("Outcome check: exactly one winner per request, every other attempt a 409.")
 
 
+@bench_app.command("writes")
+def bench_writes(
+    writers: Annotated[str, typer.Option(help="Writer counts, comma-separated")] = "1,8,32,64",
+    workloads: Annotated[
+        str, typer.Option(help="Workloads: chat, lifecycle, mix (comma-separated)")
+    ] = "chat,lifecycle,mix",
+    seconds: Annotated[float, typer.Option(help="Measured seconds per run", min=0.5)] = 4.0,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="An empty database to use instead of a fresh embedded one"),
+    ] = None,
+) -> None:
+    """Commits/s and commit latency with the event log on, numbered at commit as before
+    migration 0008, and off, in the same run; and how soon a reader has the events of the
+    fastest runs (docs/benchmarks.md)."""
+    from rich.table import Table
+
+    from autodispatch.ops.bench import machine
+    from autodispatch.ops.bench_writes import WORKLOADS, writes
+
+    counts = [int(w) for w in writers.split(",") if w.strip()]
+    chosen = [w.strip() for w in workloads.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in WORKLOADS]
+    if unknown or not counts or min(counts) < 1:
+        raise typer.BadParameter(
+            f"workloads must be among {', '.join(WORKLOADS)} and writers positive counts;"
+            f" got workloads {chosen} and writers {counts}"
+        )
+    runs, version = writes(
+        database_url,
+        writer_counts=counts,
+        workloads=chosen,
+        seconds=seconds,
+        progress=lambda text: err.print(text),
+    )
+    table = Table(title=f"bench writes — PostgreSQL {version} — {machine()}")
+    for column in ("workload", "writers", "commits/s: log on", "at commit (before)", "log off",
+                   "on / off", "p50 / p99 ms: on", "at commit", "off"):  # fmt: skip
+        table.add_column(column)
+    by_key = {(r.workload, r.writers, r.mode): r for r in runs}
+    for workload in chosen:
+        for count in counts:
+            on, old, off = (by_key[(workload, count, m)] for m in ("on", "at commit", "off"))
+            table.add_row(
+                workload,
+                str(count),
+                f"{on.rate:,.0f}",
+                f"{old.rate:,.0f}",
+                f"{off.rate:,.0f}",
+                f"{on.rate / off.rate:.2f}" if off.rate else "-",
+                on.latency_text(),
+                old.latency_text(),
+                off.latency_text(),
+            )
+    out.print(table)
+    for mode in ("on", "at commit"):
+        top = max((r for r in runs if r.mode == mode), key=lambda r: r.rate)
+        out.print(
+            f"Fastest run, log {mode} ({top.workload}, {top.writers} writers,"
+            f" {top.rate:,.0f} commits/s): a reader had each event"
+            f" {top.percentile(top.received_ms, 0.5):.1f} ms (p50) /"
+            f" {top.percentile(top.received_ms, 0.99):.1f} ms (p99) after its write"
+            f" ({len(top.received_ms):,} events)."
+        )
+
+
 @bench_app.command("realtime")
 def bench_realtime(
     subscribers: Annotated[

@@ -74,6 +74,10 @@ class Settings:
     db_pool_max: int = 20
     event_retention_seconds: int = 7 * 24 * 3600
     realtime_poll_interval: float = 0.25
+    # Events written by SQL from outside a server process (an operator, another program)
+    # get their ids within this many seconds; a server's own writes at once after their
+    # commit (realtime/sequencer.py). The readers deliver nothing before.
+    realtime_sequence_poll_interval: float = 0.05
     realtime_queue_size: int = 1000
     # How often each process tells the others on the bus it is alive; one silent for three
     # of its intervals has its presences dropped everywhere (realtime/broker.py). At most
@@ -111,6 +115,9 @@ class Settings:
                 env, "AUTODISPATCH_EVENT_RETENTION_SECONDS", 7 * 24 * 3600
             ),
             "realtime_queue_size": _int(env, "AUTODISPATCH_REALTIME_QUEUE_SIZE", 1000),
+            "realtime_sequence_poll_interval": _seconds(
+                env, "AUTODISPATCH_REALTIME_SEQUENCE_POLL_INTERVAL", 0.05, most=10
+            ),
             "realtime_presence_interval": _seconds(
                 env, "AUTODISPATCH_REALTIME_PRESENCE_INTERVAL", 5.0, most=3600
             ),

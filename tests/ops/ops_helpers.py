@@ -128,10 +128,14 @@ def behind_our_back(db_url: str, *statements: str, params: Any = None) -> None:
 
 
 def sql(db_url: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
-    """One statement as the owner, triggers on; its rows (if any)."""
+    """One statement as the owner, triggers on; its rows (if any). The events it wrote are
+    numbered right after, as the writing process's sequencer would (db/sequencer.py)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         cur = conn.execute(statement, params)  # type: ignore[arg-type]
-        return cur.fetchall() if cur.description else []
+        rows = cur.fetchall() if cur.description else []
+        with contextlib.suppress(psycopg.Error):  # a damaged or first-version schema
+            conn.execute("select realtime.sequence(100000)")
+        return rows
 
 
 async def audit(db_url: str, **options: Any) -> AuditReport:

@@ -273,19 +273,24 @@ async def test_stale_session_keys_are_recomputed(db_url: str, tmp_path: Path) ->
         assert (await audit(db_url)).ok
 
 
-async def test_events_that_never_got_an_id_are_delivered_or_dropped(db_url: str) -> None:
-    """Events committed with the commit trigger bypassed never reach anyone: a finding.
-    Repair leaves one per row, its latest, delivered with the next id, and drops the rest."""
+async def test_events_no_server_numbered_are_a_finding_and_repair_numbers_them(
+    db_url: str,
+) -> None:
+    """Events that committed while no server ran its sequencer have no id, so nobody
+    received them: once older than the grace period they are a finding. Repair numbers
+    them as a server would: all of them, in the order written, after every delivered one.
+    A fresh one (a server would number it within its poll interval) is not a finding."""
     insert = (
-        "insert into realtime.events (schema_name, table_name, type, row_id, record)"
-        " values ('public', 'feature_flags', 'UPDATE', %s, '{}'::jsonb)"
+        "insert into realtime.events (schema_name, table_name, type, row_id, record, at)"
+        " values ('public', 'feature_flags', 'UPDATE', %s, '{}'::jsonb, now() - %s::interval)"
     )
     sql(db_url, "update feature_flags set enabled = false where key = 'mech_audio_alerts'")
+    sql(db_url, "select realtime.sequence(10000)")
     head = sql(db_url, "select last_id from realtime.stream")[0][0]
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("set session_replication_role = replica")
         for key in ("a", "a", "b"):
-            conn.execute(insert, (key,))
+            conn.execute(insert, (key, "1 minute"))
+        conn.execute(insert, ("fresh", "0 seconds"))
 
     f = finding(await audit(db_url), "event_without_id")
     assert f.count == 3 and [r["row_id"] for r in f.rows] == ["a", "a", "b"]
@@ -293,10 +298,14 @@ async def test_events_that_never_got_an_id_are_delivered_or_dropped(db_url: str)
     report = await run_repair(db_url)
     kind = next(k for k in report.kinds if k.code == "event_without_id")
     assert (kind.found, kind.fixed) == (3, 3)
-    rows = sql(db_url, "select id, row_id from realtime.events where id > %s order by id", (head,))
-    assert rows == [(head + 1, "a"), (head + 2, "b")]
-    assert sql(db_url, "select last_id from realtime.stream") == [(head + 2,)]
-    assert (await audit(db_url)).ok
+    with psycopg.connect(db_url, autocommit=True) as conn:  # sql() would number the rest
+        rows = conn.execute(
+            "select id, row_id from realtime.events where seq > (select max(seq) from"
+            " realtime.events where id = %s) order by seq",
+            (head,),
+        ).fetchall()
+    assert rows == [(head + 1, "a"), (head + 2, "a"), (head + 3, "b"), (None, "fresh")]
+    assert (await audit(db_url)).ok, "the fresh one is a server's to number, not a finding"
 
 
 async def test_gateways_that_died_or_lag_are_named(db_url: str) -> None:
@@ -533,9 +542,9 @@ async def test_a_first_version_database_is_audited_without_crashing(first_versio
 
 
 async def test_more_schema_damage_is_named(db_url: str) -> None:
-    """A revision newer than the code, a trigger running another function, the event-id
-    trigger no longer deferred, a visibility policy that stopped comparing keys, and an
-    event log whose head is behind its events."""
+    """A revision newer than the code, a trigger running another function, a trigger on
+    the event log (it would run in every writer's commit), a visibility policy that
+    stopped comparing keys, and an event log whose head is behind its events."""
     sql(db_url, "update feature_flags set enabled = false where key = 'mech_audio_alerts'")
     sql(
         db_url,
@@ -544,9 +553,8 @@ async def test_more_schema_damage_is_named(db_url: str) -> None:
         drop trigger sessions_audit on sessions;
         create trigger sessions_audit after insert or update of status on sessions
           for each row execute function public.guard_transition('session', 'pending');
-        drop trigger events_assign_id on realtime.events;
-        create constraint trigger events_assign_id after insert on realtime.events
-          not deferrable for each row execute function realtime.assign_id();
+        create trigger events_notify after insert on realtime.events
+          for each row execute function public.guard_transition('session', 'pending');
         drop policy sessions_visible on sessions;
         create policy sessions_visible on sessions for select to anon, authenticated
           using (customer_id = auth.uid());
@@ -557,7 +565,7 @@ async def test_more_schema_damage_is_named(db_url: str) -> None:
     assert report.codes() == {
         "migrations_ahead",
         "trigger_runs_other_function",
-        "trigger_not_deferred",
+        "event_log_trigger",
         "policy_differs",
         "stream_behind_events",
     }

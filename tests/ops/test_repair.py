@@ -20,7 +20,6 @@ from ops_helpers import (
 )
 
 from autodispatch.ops.repair import RepairRefused
-from autodispatch.realtime.events import Event, Variant
 
 
 async def completed_behind_our_back(db_url: str, tmp_path: Path, n: int) -> list[str]:
@@ -326,76 +325,3 @@ async def test_every_kind_together_on_a_busy_database(db_url: str, tmp_path: Pat
         after = await audit(db_url)
         assert after.ok, [f.as_json() for f in after.findings]
         assert made["queued"]["assignment"]["id"] not in await world.queue_ids(world.mechanic)
-
-
-def without_event_ids(db_url: str, *statements: str) -> None:
-    """Run statements as a careless script would: triggers on, except the one that gives
-    events their id at commit (so the events are written but never delivered)."""
-    sql(db_url, "alter table realtime.events disable trigger events_assign_id")
-    try:
-        for statement in statements:
-            sql(db_url, statement)
-    finally:
-        sql(db_url, "alter table realtime.events enable trigger events_assign_id")
-
-
-def last_event(db_url: str, row_id: str) -> Event:
-    rows = sql(
-        db_url,
-        "select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys,"
-        " old_keys from realtime.events where row_id = %s and id is not null"
-        " order by id desc limit 1",
-        (row_id,),
-    )
-    names = ("id", "at", "schema_name", "table_name", "type", "row_id", "record")
-    names += ("old_record", "new_keys", "old_keys")
-    return Event.from_row(dict(zip(names, rows[0], strict=True)))
-
-
-def keys_of(db_url: str, user_id: Any) -> frozenset[str]:
-    return frozenset(sql(db_url, "select auth.principal_keys_for(%s)", (user_id,))[0][0])
-
-
-async def test_events_without_an_id_reach_everyone_who_saw_the_row(
-    db_url: str, tmp_path: Path
-) -> None:
-    """A request accepted by a script that bypassed the event ids never left the other
-    mechanics' queues. Whether a later event of the row was delivered since (first
-    request) or not (second), the repair delivers one event for the row's current state
-    whose old keys include the pool's: other mechanics get its removal (as the queued
-    row they saw, so a status=eq.queued filter matches), the mechanic who took it the row."""
-    async with running_world(db_url, tmp_path) as world:
-        first, second = await world.queued(), await world.queued()
-        mechanic, other = world.mechanic, world.other_mechanic
-    accept = (
-        "update session_assignments set status = 'accepted', mechanic_id = '{m}' where id = '{a}'"
-    )
-    touch = "update session_assignments set request_summary = request_summary || '{{\"n\": {n}}}'"
-    a1, a2 = first["assignment"]["id"], second["assignment"]["id"]
-    without_event_ids(
-        db_url,
-        accept.format(m=mechanic.mechanic_id, a=a1),
-        accept.format(m=mechanic.mechanic_id, a=a2),
-        touch.format(n=1) + f" where id = '{a2}'",
-    )
-    sql(db_url, touch.format(n=2) + f" where id = '{a1}'")  # delivered, but not to the pool
-    head = sql(db_url, "select last_id from realtime.stream")[0][0]
-    assert "event_without_id" in (await audit(db_url)).codes()
-
-    report = await run_repair(db_url)
-    events = next(k for k in report.kinds if k.code == "event_without_id")
-    assert events.found == events.fixed  # both sessions' and both assignments' events
-    pool, taker = keys_of(db_url, other.id), keys_of(db_url, mechanic.id)
-    for aid, summary in ((a1, 2), (a2, 1)):
-        event = last_event(db_url, aid)
-        assert event.id > head
-        assert event.record is not None and event.record["status"] == "accepted"
-        assert event.record["request_summary"]["n"] == summary  # the row as it is now
-        assert "pool:general" in event.old_keys
-        assert event.old_record is not None and event.old_record["status"] == "queued"
-        assert event.variant_for(pool, None, {}) is Variant.REMOVAL
-        assert event.variant_for(taker, None, {}) is Variant.CHANGE
-    ids = [r[0] for r in sql(db_url, "select id from realtime.events where id > %s", (head,))]
-    assert sorted(ids) == list(range(head + 1, head + 1 + len(ids)))  # no gap, no repeat
-    assert sql(db_url, "select last_id from realtime.stream") == [(head + len(ids),)]
-    assert (await audit(db_url)).ok

@@ -1,4 +1,6 @@
-"""The event log: written by triggers in the writer's transaction, read gap-free in order."""
+"""The event log: written by triggers in the writer's transaction, numbered after commit
+by the sequencer (``realtime.sequence()``, as every server runs it), read gap-free in
+order."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def test_concurrent_writers_committing_out_of_order_skip_nothing(db_url: str) ->
                 # Read the flag before querying: once it is set, every writer has
                 # committed, so an empty answer then really is the end of the log.
                 stopping = stop.is_set()
+                conn.execute("select realtime.sequence(10000)")  # as a server does
                 rows = conn.execute(
                     "select id, row_id, record from realtime.events where id > %s order by id",
                     (position,),
@@ -63,8 +66,7 @@ def test_concurrent_writers_committing_out_of_order_skip_nothing(db_url: str) ->
         with psycopg.connect(db_url) as conn:
             for n in range(transactions):
                 # Rows in a fixed order (ordinary deadlocks between rows are not the point);
-                # some transactions write several rows that others write one of, which
-                # would deadlock if the stream lock were taken at the first write.
+                # some transactions write several rows that others write one of.
                 for key in sorted(rng.sample(keys, rng.randint(1, 3))):
                     conn.execute(
                         "update feature_flags set enabled = not enabled, description = %s"
@@ -73,7 +75,7 @@ def test_concurrent_writers_committing_out_of_order_skip_nothing(db_url: str) ->
                     )
                     time.sleep(rng.random() * 0.003)
                 # Hold the transaction open a random while before committing, so that
-                # transactions which took their event ids later try to commit first.
+                # transactions which wrote their events later commit first.
                 time.sleep(rng.random() * 0.004)
                 conn.commit()
 
@@ -141,6 +143,7 @@ def test_event_carries_rows_and_keys_of_both_versions(db_url: str) -> None:
             (session[0],),
         )
         conn.commit()
+        conn.execute("select realtime.sequence(10000)")
         events = conn.execute(
             "select table_name, type, old_record->>'status', record->>'status', old_keys, new_keys,"
             " record ? 'visibility_keys'"
@@ -168,6 +171,7 @@ def test_rolled_back_changes_write_no_event(db_url: str) -> None:
         conn.rollback()
         conn.execute("update feature_flags set enabled = false where key = 'mech_audio_alerts'")
         conn.commit()
+        conn.execute("select realtime.sequence(10000)")
         ids = [
             r[0]
             for r in conn.execute(
@@ -185,6 +189,7 @@ def test_prune_keeps_recent_events_and_records_the_horizon(db_url: str) -> None:
                 "update feature_flags set enabled = not enabled where key = 'mech_audio_alerts'"
             )
             conn.commit()
+        conn.execute("select realtime.sequence(10000)")
         last = conn.execute("select last_id from realtime.stream").fetchone()
         assert last is not None
         conn.execute(

@@ -292,3 +292,41 @@ async def wait_until(condition: Any, timeout: float = 10.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never held"
         await asyncio.sleep(0.02)
+
+
+async def test_a_client_that_heartbeats_through_a_long_websocket_resume_gets_all(
+    small_queue_ws: LiveWorld,
+) -> None:
+    """A client on a slow link (a small receive buffer, ~400 frames/s) heartbeats every
+    0.5 s while a 1,500-event replay keeps its queue full: each heartbeat's reply must
+    find room (control frames may pass a queue that rows filled), not close the socket
+    as a slow consumer while the client reads."""
+    server = small_queue_ws.server
+    cursor = await log_head(small_queue_ws.db_url)
+    missed = await flag_events(small_queue_ws.db_url, 1500, size=4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    url = socket_url(server, await anon_key(server), VSN_2)
+    async with connect(url, sock=sock, compression=None, max_queue=1, open_timeout=WAIT) as ws:
+        raw = Raw(ws, VSN_2)
+        topic = "realtime:flags"
+        ref = raw.ref()
+        join = {"config": {"postgres_changes": [FLAGS]}, RESUME_FROM_KEY: cursor}
+        await raw.push(topic, "phx_join", join, ref=ref, join_ref=ref)
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                await raw.push("phoenix", "heartbeat", {})
+
+        beating = asyncio.create_task(beat())
+        try:
+            while len(raw.rows(topic)) < len(missed):
+                frame = await asyncio.wait_for(ws.recv(), WAIT)  # raises once closed
+                raw.received.append(decode(frame, VSN_2))
+                await asyncio.sleep(0.0025)
+        finally:
+            beating.cancel()
+        assert [r["event_id"] for r in raw.rows(topic)] == missed
+        assert raw.matching("phoenix", "phx_reply"), "the heartbeats were answered"

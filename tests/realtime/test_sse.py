@@ -125,7 +125,11 @@ async def test_cursor_older_than_retention_is_told_to_resync(live: LiveWorld) ->
                 "update feature_flags set enabled = not enabled where key = 'mech_audio_alerts'"
             )
             await conn.commit()
-        await conn.execute("update realtime.events set at = now() - interval '30 days'")
+        await conn.execute("select realtime.sequence(100000)")
+        await conn.commit()
+        await conn.execute(
+            "update realtime.events set at = now() - interval '30 days' where id is not null"
+        )
         await conn.execute("select realtime.prune(interval '7 days')")
         await conn.commit()
     async with httpx.AsyncClient(timeout=10) as client:

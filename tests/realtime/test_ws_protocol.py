@@ -256,7 +256,11 @@ async def set_flag_description(db_url: str, text: str) -> None:
 
 
 async def log_head(db_url: str) -> int:
+    """The log's last id, once every committed event is numbered (as a server's
+    sequencer numbers them right after commit: an API call's events may still be
+    waiting for it when the call returns)."""
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("select realtime.sequence(100000)")
         cur = await conn.execute("select last_id from realtime.stream where id = 1")
         row = await cur.fetchone()
     assert row is not None
@@ -769,7 +773,7 @@ async def produce_flag_events(db_url: str, count: int, size: int) -> list[int]:
     """``count`` new feature flags in one transaction (so ``count`` INSERT events that
     everyone may see), each with a random description of about ``size`` hex characters
     (random, so compression cannot shrink it); returns their event ids."""
-    before = await log_head(db_url)
+    prefix = f"burst_{secrets.token_hex(4)}_"
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         await conn.execute(
             """
@@ -780,15 +784,18 @@ async def produce_flag_events(db_url: str, count: int, size: int) -> list[int]:
             from generate_series(1, %(count)s) g
             order by g
             """,
-            {
-                "prefix": f"burst_{secrets.token_hex(4)}_",
-                "chunks": max(1, size // 32),
-                "count": count,
-            },
+            {"prefix": prefix, "chunks": max(1, size // 32), "count": count},
         )
-    after = await log_head(db_url)
-    assert after - before == count
-    return list(range(before + 1, after + 1))
+        # Numbered now, as the writing process's sequencer would (db/sequencer.py).
+        await conn.execute("select realtime.sequence(100000)")
+        cur = await conn.execute(
+            "select id from realtime.events where table_name = 'feature_flags'"
+            " and row_id like %s order by id",
+            (prefix + "%",),
+        )
+        ids = [int(r[0]) for r in await cur.fetchall()]
+    assert len(ids) == count and ids == list(range(ids[0], ids[0] + count)), ids[:5]
+    return ids
 
 
 async def test_a_slow_consumer_is_closed_and_resumes_without_loss(

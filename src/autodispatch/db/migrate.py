@@ -63,8 +63,9 @@ def current(url: str) -> str | None:
         engine.dispose()
 
 
-def upgrade(url: str) -> tuple[str | None, str]:
-    """Bring the database to the newest revision; return (before, after)."""
+def upgrade(url: str, target: str = "head") -> tuple[str | None, str]:
+    """Bring the database to the newest revision (or to ``target``, for tests of a
+    migration against data the code before it wrote); return (before, after)."""
     engine = _engine(url)
     try:
         with engine.begin() as conn:
@@ -73,7 +74,7 @@ def upgrade(url: str) -> tuple[str | None, str]:
                 before = MigrationContext.configure(conn).get_current_revision()
                 config = _config()
                 config.attributes["connection"] = conn
-                command.upgrade(config, "head")
+                command.upgrade(config, target)
                 after = MigrationContext.configure(conn).get_current_revision()
             finally:
                 conn.exec_driver_sql(f"select pg_advisory_unlock({_MIGRATION_LOCK})")

@@ -38,3 +38,20 @@ def load() -> dict[str, str]:
                 raise ValueError(f"query {name!r} is defined in two files")
             queries[name] = sql
     return queries
+
+
+# A statement that may change a row: plain DML, or a call of the api.* / realtime.*
+# functions that write (a few read-only ones are counted too; that costs one idle check).
+_WRITES = re.compile(r"\b(insert|update|delete)\b|\b(api|realtime)\.\w+\s*\(", re.IGNORECASE)
+
+
+@cache
+def writes() -> frozenset[str]:
+    """The names of the queries that may write: after one commits, the events it may have
+    made are waiting for their ids (realtime/sequencer.py)."""
+    return frozenset(name for name, sql in load().items() if _WRITES.search(_code(sql)))
+
+
+def _code(sql: str) -> str:
+    """The statement without its comments."""
+    return "\n".join(line.split("--", 1)[0] for line in sql.splitlines())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autodispatch.domain.lifecycle import ASSIGNMENT, SESSION
-from autodispatch.ops.gateways import EXPIRY_GRACE_SECONDS
+from autodispatch.ops.gateways import EXPIRY_GRACE_SECONDS, SEQUENCE_GRACE_SECONDS
 from autodispatch.ops.reconcile import PAIR_KINDS, pair_kind
 
 if TYPE_CHECKING:
@@ -202,16 +202,21 @@ async def check_event_log(ctx: AuditContext) -> None:
             " where id = 1;`",
             [head],
         )
-    stuck = await ctx.rows("audit_events_without_id", {"limit": ctx.options.row_limit})
+    stuck = await ctx.rows(
+        "audit_events_without_id",
+        {"limit": ctx.options.row_limit, "grace": SEQUENCE_GRACE_SECONDS},
+    )
     if stuck:
         ctx.found(
             "event_without_id",
             REALTIME,
-            f"{_total(stuck)} committed events never got an id (written with the commit"
-            " trigger bypassed): no subscriber will ever receive them.",
-            "`autodispatch repair --apply` delivers, late, one event per row: the row as of"
-            " its latest event, to everyone who could see a version those events changed"
-            " (the rest are dropped).",
+            f"{_total(stuck)} events committed more than {SEQUENCE_GRACE_SECONDS} s ago"
+            " still have no id: no server is giving ids (each `serve` process does, after"
+            " its own writes and every AUTODISPATCH_REALTIME_SEQUENCE_POLL_INTERVAL"
+            " seconds), so no subscriber has received them.",
+            "Start `autodispatch serve` (or look at why its realtime-sequencer loop fails:"
+            " /readyz, autodispatch_background_loop_errors_total); `autodispatch repair"
+            " --apply` gives them their ids now, in order, as a server would.",
             stuck,
             count=_total(stuck),
             repairable=True,

@@ -76,10 +76,6 @@ EXPECTED_TRIGGERS: dict[tuple[str, str], tuple[str, str]] = {
         "public.push_keys_to_session",
         "pushes the assignment's visibility keys to its session",
     ),
-    ("realtime.events", "events_assign_id"): (
-        "realtime.assign_id",
-        "gives each event its id at commit (in commit order)",
-    ),
 }
 # Tables whose rows decide a user's visibility keys: a change writes an auth.principals
 # event the gateways re-key that user's subscriptions on (trigger principal_changed).
@@ -309,7 +305,7 @@ async def check_triggers(ctx: AuditContext) -> None:
         (f"{r['schema_name']}.{r['table_name']}", r["trigger_name"]): r
         for r in await ctx.rows("audit_triggers")
     }
-    missing, disabled, other, not_deferred = [], [], [], []
+    missing, disabled, other = [], [], []
     for (table, name), (function, purpose) in EXPECTED_TRIGGERS.items():
         if not ctx.catalog.has_table(*table.split(".")):
             continue  # reported by the tables check
@@ -324,8 +320,6 @@ async def check_triggers(ctx: AuditContext) -> None:
         runs = f"{row['function_schema']}.{row['function_name']}"
         if runs != function:
             other.append({"table": table, "trigger": name, "runs": runs, "expected": function})
-        if name == "events_assign_id" and not (row["deferrable"] and row["initially_deferred"]):
-            not_deferred.append({"table": table, "trigger": name})
     if missing:
         ctx.found(
             "trigger_missing",
@@ -354,14 +348,22 @@ async def check_triggers(ctx: AuditContext) -> None:
             f"Recreate them as in {_MIGRATIONS}.",
             other,
         )
-    if not_deferred:
+    # Nothing runs in the commit of a writer beyond writing its events (migration 0008):
+    # a trigger on the log itself (an id or a NOTIFY per event) would queue every writer
+    # behind the others again.
+    on_log = [
+        {"table": table, "trigger": name} for (table, name) in present if table == "realtime.events"
+    ]
+    if on_log:
         ctx.found(
-            "trigger_not_deferred",
+            "event_log_trigger",
             SCHEMA,
-            "realtime.events_assign_id is not deferred to commit: event ids are then not in"
-            " commit order and readers can skip events.",
-            "Recreate it as in migration 0002 (deferrable initially deferred).",
-            not_deferred,
+            f"realtime.events has triggers ({', '.join(r['trigger'] for r in on_log)}):"
+            " they run in every writing transaction's commit path, and one that takes a"
+            " shared lock or sends NOTIFY makes writers wait for each other.",
+            "Drop them (`drop trigger <name> on realtime.events;`): events get their ids"
+            " after commit from the sequencer (migration 0008).",
+            on_log,
         )
 
 

@@ -35,6 +35,10 @@ log = structlog.get_logger("autodispatch.ops")
 HEARTBEAT_SECONDS = 5.0
 # Expiry runs every 0.5 s; anything still past its time after this long is stuck.
 EXPIRY_GRACE_SECONDS = 30
+# Every server gives committed events their ids within its sequence poll interval (0.05 s
+# by default, realtime/sequencer.py); an event without one after this long means no
+# server is doing it, and no subscriber has received it.
+SEQUENCE_GRACE_SECONDS = 10
 
 
 class HealthMetrics:
@@ -54,6 +58,12 @@ class HealthMetrics:
         self.unrouted_age = Gauge(
             "autodispatch_realtime_unrouted_age_seconds",
             "Age of the oldest committed event this process has not routed yet (0: caught up)",
+            registry=registry,
+        )
+        self.unsequenced_age = Gauge(
+            "autodispatch_realtime_unsequenced_age_seconds",
+            "Age of the oldest event written without an id yet (0: none); a server numbers"
+            " its own at once and others' within its sequence poll interval",
             registry=registry,
         )
         self.gateways_live = Gauge(
@@ -159,6 +169,7 @@ class GatewayHeartbeat:
         self.metrics.offers_past_expiry.set(health["offers_past_expiry"])
         self.metrics.requests_past_ttl.set(health["requests_past_ttl"])
         self.metrics.unrouted_age.set(health["unrouted_age_seconds"])
+        self.metrics.unsequenced_age.set(health["unsequenced_age_seconds"])
         self.metrics.gateways_live.set(health["gateways_live"])
 
     async def _register(self) -> None:

@@ -136,21 +136,11 @@ KINDS: list[tuple[str, str, str, dict[str, list[str]]]] = [
     ),
     (
         "event_without_id",
-        "events that never got an id",
+        "events no server gave an id",
         "events_without_id",
         {
-            "realtime.events": [
-                "seq",
-                "id",
-                "table_name",
-                "row_id",
-                "type",
-                "record",
-                "old_record",
-                "new_keys",
-                "old_keys",
-            ],
-            "realtime.stream": ["last_id"],
+            "realtime.events": ["seq", "id", "table_name", "row_id", "type", "at"],
+            "realtime.sequence()": [],
         },
     ),
     (

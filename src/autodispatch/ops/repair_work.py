@@ -16,7 +16,7 @@ from psycopg.rows import DictRow, dict_row
 
 from autodispatch.db import queries
 from autodispatch.domain.lifecycle import ASSIGNMENT, CONSISTENT_PAIRS, SESSION
-from autodispatch.ops.gateways import EXPIRY_GRACE_SECONDS
+from autodispatch.ops.gateways import EXPIRY_GRACE_SECONDS, SEQUENCE_GRACE_SECONDS
 from autodispatch.ops.reconcile import missing_assignment_pair, pair_kind, settle
 
 # Bypass transactions keep writers of both tables waiting until they commit: keep them tiny.
@@ -482,75 +482,31 @@ class Repairer:
         )
 
     async def events_without_id(self, result: KindResult) -> None:
-        """Per table row, its events without an id become one event, delivered late: the
-        row as of its latest event, with the old keys of all of them (docs/decisions.md,
-        Repair). Under the stream's lock, so it gets its id after every delivered event."""
+        """Events no server gave an id: give them theirs, in order, as a server's sequencer
+        does (realtime.sequence, migration 0008), after every delivered event."""
 
         def describe(row: Row) -> str:
-            n = row["events"]
-            what = f"{row['table_name']} {row['row_id']}: {n} event{'s' if n > 1 else ''}"
-            if row["latest_seq"] == row["seqs"][-1]:
-                merged = f", with the old keys of the {n - 1} before it" if n > 1 else ""
-                return f"{what}: give the latest the next id (delivered late){merged}"
-            if not row["saw_before"]:
-                return f"{what}: drop (event {row['latest_id']} delivered the row since)"
             return (
-                f"{what}: one event with the next id, the row as of event {row['latest_id']},"
-                " to everyone who saw a version they changed"
+                f"{row['table_name']} {row['row_id']}: event {row['seq']} ({row['type']},"
+                f" written {row['at']}): give it the next id"
             )
 
         async def fix(page: Sequence[Row]) -> None:
             async def body(tally: Tally) -> None:
-                await self.rows("repair_lock_stream")
-                changed = {
-                    (r["table_name"], r["row_id"])
-                    for r in await self.rows(
-                        "repair_rows_changed_since",
-                        {
-                            "head": page[0]["head"],
-                            "tables": [r["table_name"] for r in page],
-                            "row_ids": [r["row_id"] for r in page],
-                        },
-                    )
-                }
-                delivered = False
-                for row in page:
-                    seqs = list(row["seqs"])
-                    locked = [
-                        r["seq"] for r in await self.rows("repair_lock_events", {"seqs": seqs})
-                    ]
-                    if (row["table_name"], row["row_id"]) in changed or locked != seqs:
-                        tally.skip(
-                            f"{row['table_name']} {row['row_id']}: its events changed meanwhile"
-                        )
-                        continue
-                    if row["latest_seq"] != seqs[-1] and not row["saw_before"]:
-                        await self.count("repair_drop_events", {"seqs": seqs})
-                    else:
-                        kept = seqs[-1]
-                        await self.rows(
-                            "repair_rewrite_event",
-                            {"seq": kept, "seqs": seqs, "latest_seq": row["latest_seq"]},
-                        )
-                        await self.count("repair_drop_events", {"seqs": seqs[:-1]})
-                        await self.rows("repair_assign_event_id", {"seq": kept})
-                        delivered = True
-                    tally.fixed += len(seqs) - 1
-                    tally.fixed_one(describe(row))
-                if delivered:
-                    await self.rows("repair_notify_readers")
+                (done,) = await self.rows("repair_sequence_events", {"limit": len(page)})
+                tally.fixed += int(done["assigned"])
+                tally.changes += [describe(row) for row in page[: int(done["assigned"])]]
 
             await self.transaction(result, body)
 
         await self.run_kind(
             result,
             "repair_events_without_id",
-            {},
-            "first_seq",
+            {"grace": SEQUENCE_GRACE_SECONDS},
+            "seq",
             0,
             describe,
             fix,
-            size=lambda row: int(row["events"]),
         )
 
     async def stopped_gateways(self, result: KindResult) -> None:

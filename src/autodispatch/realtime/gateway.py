@@ -41,6 +41,10 @@ log = structlog.get_logger("autodispatch.realtime")
 
 SLOW_CONSUMER = 4000  # close code of a client that fell too far behind (private range)
 CLOSE_CODES = {"slow_consumer": SLOW_CONSUMER, "shutdown": 1012, "invalid_utf8": 1007}
+# Control frames (replies, heartbeats, presence, broadcasts) may go past a queue that row
+# events filled by this many: a resume waiting for room (it keeps the queue full while the
+# client reads) must not turn the client's heartbeat reply into a slow-consumer close.
+CONTROL_ROOM = 64
 SWEEP_SECONDS = 1.0
 EXPIRED = "sign in again and send a new access_token"
 # Topics only mechanics and admins may join; presence there is listed under the signed-in

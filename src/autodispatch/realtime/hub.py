@@ -20,6 +20,8 @@ import structlog
 
 from autodispatch.background import Loops
 from autodispatch.db.database import Database
+from autodispatch.db.sequencer import BATCH as SEQUENCE_BATCH
+from autodispatch.db.sequencer import Sequencer
 from autodispatch.domain.errors import Conflict
 from autodispatch.domain.principal import Principal
 from autodispatch.realtime.baseline import PerSubscriberSqlRouter
@@ -43,6 +45,8 @@ REALTIME_TABLES = (
     "session_messages",
     "probe_pings",
 )
+# Reads of a subscriber's keys before giving up while changes of them keep committing.
+KEYS_ATTEMPTS = 5
 # How the reader decides who gets an event: "keys" (the router's visibility-key index), or
 # "per_subscriber_sql", the slower hosted-service method kept as the baseline of
 # `autodispatch bench realtime` (realtime/baseline.py). Both deliver the same events.
@@ -63,6 +67,8 @@ class RealtimeSettings:
     queue_size: int = 1000
     routing: str = "keys"  # one of ROUTING_STRATEGIES
     replay_page: int = 1000  # events read per statement when a subscriber resumes
+    # How often the sequencer looks for events committed by SQL from elsewhere.
+    sequence_poll_interval: float = 0.05
 
 
 def _pruned(cursor: int, pruned_through: int) -> str:
@@ -86,6 +92,11 @@ class Hub:
         self.settings = settings
         self.router = Router({}, {})
         self.reader = EventLogReader(db, self.router, metrics, poll_interval=settings.poll_interval)
+        # Gives committed events their ids; the app pokes it after each writing commit
+        # (Database.on_write_commit), and it wakes this process's reader at once.
+        self.sequencer = Sequencer(
+            db.url, poll_interval=settings.sequence_poll_interval, on_sequenced=self._sequenced
+        )
         if settings.routing not in ROUTING_STRATEGIES:
             raise ValueError(
                 f"routing must be one of {ROUTING_STRATEGIES}, not {settings.routing!r}"
@@ -104,11 +115,18 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
+    def _sequenced(self, count: int, last_id: int) -> None:
+        self.metrics.sequenced.inc(count)
+        self.reader.wake()
+
     async def start(self) -> None:
         types, columns = await load_column_types(self.db, list(REALTIME_TABLES))
         self.router.types = types
         self.router.columns = columns
         self._tasks = [
+            asyncio.create_task(
+                self.sequencer.run(self._stop, self.loops), name="realtime-sequencer"
+            ),
             asyncio.create_task(self.reader.run(self._stop, self.loops), name="realtime-reader"),
             asyncio.create_task(
                 self.loops.run_forever(
@@ -174,7 +192,9 @@ class Hub:
             keys=keys, bindings=bindings, sink=sink, transport=transport, user_id=user_id
         )
         if resume_from is None and (head is None or head >= self.reader.position):
-            sub.cursor = self.reader.position
+            # From the keys' snapshot on: changes of the keys up to it are in them already
+            # (a reader lagging behind it must not apply them a second time).
+            sub.cursor = self.reader.position if head is None else head
             self._add(sub)
             return sub
         if resume_from is None:
@@ -204,11 +224,18 @@ class Hub:
         return sub in self._resuming
 
     async def _keys_and_head(self, user_id: UUID) -> tuple[frozenset[str], int]:
-        async with self.db.as_service() as tx:
-            row = await tx.one("principal_keys_and_head", {"user_id": user_id})
-        self.metrics.statements("principal_keys", TX_STATEMENTS)
-        assert row is not None
-        return frozenset(row["keys"] or ["public"]), int(row["head"])
+        for _ in range(KEYS_ATTEMPTS):
+            async with self.db.as_service() as tx:
+                row = await tx.one("principal_keys_and_head", {"user_id": user_id})
+            self.metrics.statements("principal_keys", TX_STATEMENTS)
+            assert row is not None
+            if not row["pending"]:
+                return frozenset(row["keys"] or ["public"]), int(row["head"])
+            # A change of these keys committed and has no id yet: number it, read again.
+            async with self.db.as_service() as tx:
+                await tx.one("sequence_events", {"limit": SEQUENCE_BATCH})
+            self.metrics.statements("principal_keys", TX_STATEMENTS)
+        raise ResyncRequired("what you may see keeps changing; wait a moment, then subscribe again")
 
     async def _key_changes(self, user_id: str, after: int) -> list[KeyChange]:
         async with self.db.as_service() as tx:
@@ -328,6 +355,8 @@ class Hub:
                     " without a cursor"
                 )
             for removal in removals(event, rows):
+                if sub not in self.router.subscriptions:
+                    return False  # left meanwhile: nothing more for it
                 if not await self.router.deliver_removal_wait(
                     sub, removal, self.reader.slow_consumer_seconds
                 ):
@@ -341,6 +370,8 @@ class Hub:
         )
         sub.keys = change.new
         sub.cursor = event.id
+        if sub.buffering:  # live events the new keys let in must be collected from now on
+            self.router.reindex(sub, sub.indexed | change.new)
         return True
 
     async def _replay(self, sub: Subscription, after: int) -> bool:

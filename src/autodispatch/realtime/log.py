@@ -72,6 +72,10 @@ class EventLogReader:
         # (realtime/principals.py): the hub re-keys that user's subscriptions there.
         self.on_principal: Callable[[Event], None] | None = None
 
+    def wake(self) -> None:
+        """New events have ids (this process's sequencer says so): read them now."""
+        self._wake.set()
+
     async def head(self) -> tuple[int, int]:
         async with self.db.as_service() as tx:
             row = await tx.one("stream_head")

@@ -85,6 +85,11 @@ class RealtimeMetrics:
         )
         self.sent = SentCollector(LATENCY_BUCKETS)
         registry.register(self.sent)
+        self.sequenced = Counter(
+            "autodispatch_realtime_events_sequenced_total",
+            "Events this process's sequencer gave their ids (after their commit)",
+            registry=registry,
+        )
         self.not_delivered = Counter(
             "autodispatch_realtime_not_delivered_total",
             "Candidate deliveries that did not happen, by reason",

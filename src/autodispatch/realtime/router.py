@@ -14,13 +14,18 @@ goes out as its own frame listing exactly the bindings that want it (a ``Part``)
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+import structlog
+
 from autodispatch.realtime.events import Event, Variant
 from autodispatch.realtime.protocol import Filter
+
+log = structlog.get_logger("autodispatch.realtime")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +266,13 @@ class Router:
                 sub.buffer.append(event)
                 outcomes["buffered"] += 1
                 continue
-            outcome = self.deliver(sub, event)
+            try:
+                outcome = self.deliver(sub, event)
+            except Exception:  # a transport's bug: that subscriber alone is closed
+                log.exception("sink_failed", event_id=event.id, transport=sub.transport)
+                with contextlib.suppress(Exception):
+                    sub.sink.close("internal_error")
+                outcome = "sink_failed"
             if outcome == "queue_full":
                 blocked.append(sub)
             else:
@@ -327,7 +338,8 @@ class Router:
             sub.cursor = event.id
             return decision.reason
         if not await self.offer_wait(sub, event, decision.parts, timeout):
-            sub.sink.close("slow_consumer")
+            if sub in self.subscriptions:  # not a channel left while this waited
+                sub.sink.close("slow_consumer")
             return "slow_consumer"
         return "delivered"
 
@@ -341,7 +353,8 @@ class Router:
         columns = self.columns.get(event.table, _NO_COLUMNS)
         for variant, ids in decision.parts:
             if not await sub.sink.wait_offer(event, ids, event.encoded(variant, columns), timeout):
-                sub.sink.close("slow_consumer")
+                if sub in self.subscriptions:  # not a channel left while this waited
+                    sub.sink.close("slow_consumer")
                 return False
         return True
 

@@ -22,7 +22,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from autodispatch.domain.errors import AppError
 from autodispatch.realtime import protocol as p
 from autodispatch.realtime.events import Event
-from autodispatch.realtime.gateway import CLOSE_CODES, Connection, Gateway, Limits
+from autodispatch.realtime.gateway import CLOSE_CODES, CONTROL_ROOM, Connection, Gateway, Limits
 from autodispatch.realtime.metrics import SentFrames
 
 __all__ = ["Gateway", "Limits", "router"]
@@ -38,10 +38,10 @@ class AsgiWire:
     def __init__(self, ws: WebSocket, queue_size: int, sent: SentFrames) -> None:
         self.ws = ws
         self.sent = sent
-        self.queue: asyncio.Queue[tuple[str | bytes, Event | None] | None] = asyncio.Queue(
-            queue_size
-        )
+        self.queue_size = queue_size  # row frames; control frames get CONTROL_ROOM more
+        self.queue: asyncio.Queue[tuple[str | bytes, Event | None] | None] = asyncio.Queue()
         self.closing: str | None = None
+        self._room = asyncio.Event()  # set each time the writer takes a frame
 
     def prepare(self, frame: str | bytes) -> str | bytes:
         return frame
@@ -49,30 +49,33 @@ class AsgiWire:
     def write(self, frame: Any, event: Event | None) -> bool:
         if self.closing is not None:
             return False
-        try:
-            self.queue.put_nowait((frame, event))
-        except asyncio.QueueFull:
+        limit = self.queue_size + (CONTROL_ROOM if event is None else 0)
+        if self.queue.qsize() >= limit:
             return False
+        self.queue.put_nowait((frame, event))
         return True
 
     async def write_wait(self, frame: Any, event: Event | None, timeout: float) -> bool:
-        if self.closing is not None:
-            return False
-        try:
-            await asyncio.wait_for(self.queue.put((frame, event)), timeout)
-        except TimeoutError:
-            return False
-        return self.closing is None
+        deadline = time.monotonic() + timeout
+        while not self.write(frame, event):
+            left = deadline - time.monotonic()
+            if self.closing is not None or left <= 0:
+                return False
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), left)
+        return True
 
     def close(self, reason: str) -> None:
         if self.closing is None:
             self.closing = reason
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(None)
+            self.queue.put_nowait(None)
+            self._room.set()
 
     async def writer(self) -> None:
         while True:
             item = await self.queue.get()
+            self._room.set()
             # A slow consumer gets nothing more: its cursor is the last event it received.
             if item is None or self.closing == "slow_consumer":
                 return

@@ -43,7 +43,7 @@ from websockets.server import ServerProtocol
 from autodispatch.domain.errors import AppError
 from autodispatch.realtime import protocol as p
 from autodispatch.realtime.events import Event
-from autodispatch.realtime.gateway import CLOSE_CODES, Connection, Gateway
+from autodispatch.realtime.gateway import CLOSE_CODES, CONTROL_ROOM, Connection, Gateway
 from autodispatch.realtime.metrics import SentFrames
 
 PATHS = frozenset({"/realtime/v1/websocket", "/socket/websocket"})
@@ -311,6 +311,7 @@ class RealtimeWebSocket(asyncio.Protocol):
     def write(self, frame: bytes, event: Event | None) -> bool:
         if self.closing:
             return False
+        limit = self.gateway.limits.queue_size + (CONTROL_ROOM if event is None else 0)
         backlog = self._backlog
         if backlog is None and not self.paused:
             batch = self.gateway.batch
@@ -319,7 +320,7 @@ class RealtimeWebSocket(asyncio.Protocol):
                 if gathered is None:
                     self._gathered = [(frame, event)]
                     batch.gathering.append(self)
-                elif len(gathered) >= self.gateway.limits.queue_size:
+                elif len(gathered) >= limit:
                     return False
                 else:
                     gathered.append((frame, event))
@@ -331,7 +332,7 @@ class RealtimeWebSocket(asyncio.Protocol):
             return True
         if backlog is None:
             backlog = self._backlog = deque()
-        elif len(backlog) >= self.gateway.limits.queue_size:
+        elif len(backlog) >= limit:
             return False
         backlog.append((frame, event))
         return True

@@ -174,11 +174,11 @@ from realtime.stream
 where id = 1;
 
 -- name: audit_events_without_id
--- Committed events that never got an id (the commit-time trigger was bypassed): no
--- reader will ever see them.
+-- Events committed more than %(grace)s seconds ago (by their write time) that have no id
+-- yet: no server is giving ids (realtime/sequencer.py), so no reader sees them.
 select seq, table_name, type, row_id, at, count(*) over ()::int as total
 from realtime.events
-where id is null
+where id is null and at < now() - make_interval(secs => %(grace)s)
 order by seq
 limit %(limit)s;
 

@@ -40,6 +40,10 @@ select
   coalesce((select extract(epoch from clock_timestamp() - e.at)::float8
             from realtime.events e where e.id > %(position)s order by e.id limit 1), 0)
     as unrouted_age_seconds,
+  -- Events committed and not numbered yet (migration 0008): by their write time.
+  coalesce((select extract(epoch from clock_timestamp() - min(e.at))::float8
+            from realtime.events e where e.id is null), 0)
+    as unsequenced_age_seconds,
   -- Live: the same rule as the audit's and the repair's (migration 0004).
   (select count(*) from realtime.gateways g where realtime.gateway_is_live(g))::int
     as gateways_live;

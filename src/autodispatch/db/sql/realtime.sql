@@ -2,8 +2,8 @@
 select last_id, pruned_through from realtime.stream where id = 1;
 
 -- name: events_after
--- The log in order. Ids commit in order (see migration 0002), so nothing below the
--- highest id seen can still appear.
+-- The log in order. Ids are given after commit, contiguously, one sequencing transaction
+-- at a time (migration 0008), so nothing below the highest id seen can still appear.
 select id, at, schema_name, table_name, type, row_id, record, old_record, new_keys, old_keys
 from realtime.events
 where id > %(after)s
@@ -40,9 +40,14 @@ select auth.principal_keys_for(%(user_id)s) as keys;
 
 -- name: principal_keys_and_head
 -- A subscriber's keys and the log's head in one snapshot: every change of those keys
--- up to `head` is in them, and any later one is an event after `head`.
+-- up to `head` is in them, and any later one is an event after `head`, unless a change
+-- has committed without its id yet (`pending`, migration 0008): it is in the keys but
+-- would be numbered after `head`; the caller numbers it and reads again.
 select auth.principal_keys_for(%(user_id)s) as keys,
-       (select last_id from realtime.stream where id = 1) as head;
+       (select last_id from realtime.stream where id = 1) as head,
+       exists (select 1 from realtime.events
+               where id is null and schema_name = 'auth' and table_name = 'principals'
+                 and row_id = %(user_id)s::text) as pending;
 
 -- name: principal_changes_after
 -- How one user's keys changed after a cursor (migration 0006), in order.
@@ -70,3 +75,7 @@ order by c.relname, a.attnum;
 
 -- name: prune_events
 select realtime.prune(make_interval(secs => %(keep_seconds)s)) as pruned;
+
+-- name: sequence_events
+-- Give ids to committed events that have none (realtime/sequencer.py, migration 0008).
+select assigned, last_id from realtime.sequence(%(limit)s);

@@ -170,99 +170,18 @@ insert into public.lifecycle_audit (entity, entity_id, session_id, from_status, 
 values (%(entity)s, %(entity_id)s, %(session_id)s, %(status)s, %(status)s, null, 'repair');
 
 -- name: repair_events_without_id
--- Table rows with events committed without an id (the commit trigger was bypassed), in
--- the order of their first such event: those events (seqs), whether any of them saw a
--- version before it (an old record: someone may have seen that version), and the row's
--- latest event overall (one of them, or a later one that got an id and was delivered).
--- head: the stream's last id in this same snapshot, so the repair can tell whether the
--- row changed after this read (any later event has a higher id).
-with stuck as (
-  select table_name, row_id, min(seq) as first_seq, count(*)::int as events,
-         array_agg(seq order by seq) as seqs, bool_or(old_record is not null) as saw_before
-  from realtime.events
-  where id is null
-  group by table_name, row_id
-), page as (
-  select s.*, (sum(s.events) over ())::int as total
-  from stuck s
-  where s.first_seq > %(after)s
-  order by s.first_seq
-  limit %(limit)s
-)
-select p.table_name, p.row_id, p.first_seq, p.events, p.seqs, p.saw_before, p.total,
-       l.seq as latest_seq, l.id as latest_id,
-       (select last_id from realtime.stream where id = 1) as head
-from page p
-cross join lateral (
-  select e.seq, e.id from realtime.events e
-  where e.table_name = p.table_name and e.row_id = p.row_id
-  order by e.seq desc
-  limit 1
-) l
-order by p.first_seq;
-
--- name: repair_lock_stream
--- The lock every commit takes to get its event ids (realtime.assign_id, migration 0002),
--- taken first: until this transaction commits no other event gets an id, so the row
--- versions read below stay the latest and the id given here follows every delivered one.
-select last_id from realtime.stream where id = 1 for update;
-
--- name: repair_rows_changed_since
--- Rows (of the given ones) with an event committed after the page was read.
-select distinct e.table_name, e.row_id
-from realtime.events e
-where e.id > %(head)s
-  and (e.table_name, e.row_id) in (select * from unnest(%(tables)s::text[], %(row_ids)s::text[]));
-
--- name: repair_lock_events
-select seq from realtime.events where seq = any(%(seqs)s::bigint[]) and id is null
+-- Events committed without an id for longer than a running server leaves them (none is
+-- giving ids: realtime/sequencer.py), oldest first.
+select seq, table_name, type, row_id, at, count(*) over ()::int as total
+from realtime.events
+where id is null and seq > %(after)s and at < now() - make_interval(secs => %(grace)s)
 order by seq
-for update;
+limit %(limit)s;
 
--- name: repair_drop_events
-delete from realtime.events where seq = any(%(seqs)s::bigint[]) and id is null;
-
--- name: repair_rewrite_event
--- The one event that stands for all of a row's events without an id (seqs): the row as
--- of its latest event (latest_seq: the last of them, or a later delivered one), seen from
--- the version subscribers last saw (the oldest old record among them), with the old keys
--- of every one of them, so whoever could see any version the dropped events changed gets
--- the change, or the removal when the row left their view.
-with stuck as (
-  select (array_agg(e.old_record order by e.seq) filter (where e.old_record is not null))[1]
-           as old_record,
-         array(select distinct k
-               from realtime.events x, unnest(x.old_keys) k
-               where x.seq = any(%(seqs)s::bigint[])
-               order by k) as old_keys
-  from realtime.events e
-  where e.seq = any(%(seqs)s::bigint[])
-)
-update realtime.events t
-set record = l.record,
-    new_keys = l.new_keys,
-    old_record = stuck.old_record,
-    old_keys = stuck.old_keys,
-    type = case when l.record is null then 'DELETE'
-                when stuck.old_record is null then 'INSERT'
-                else 'UPDATE' end
-from stuck, realtime.events l
-where t.seq = %(seq)s and t.id is null and l.seq = %(latest_seq)s
-returning t.seq;
-
--- name: repair_assign_event_id
--- Like realtime.assign_id (migration 0002): the next offset under the stream's row lock
--- (which this transaction already holds), then a wake-up for the readers.
-with next as (
-  update realtime.stream set last_id = last_id + 1 where id = 1 returning last_id
-)
-update realtime.events e set id = next.last_id, at = clock_timestamp()
-from next
-where e.seq = %(seq)s and e.id is null
-returning e.id;
-
--- name: repair_notify_readers
-select pg_notify('autodispatch_events', '');
+-- name: repair_sequence_events
+-- What a server's sequencer does: ids for the oldest committed events without one, in
+-- order, after every delivered event; then one wake-up for the readers (migration 0008).
+select assigned, last_id from realtime.sequence(%(limit)s);
 
 -- name: repair_stopped_gateways
 select g.id, g.host, g.pid, g.seen_at, count(*) over ()::int as total

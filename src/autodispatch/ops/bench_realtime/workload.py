@@ -17,6 +17,7 @@ import psycopg
 
 from autodispatch.config import Settings
 from autodispatch.db.database import Database
+from autodispatch.db.sequencer import Sequencer
 from autodispatch.identity.accounts import Accounts
 from autodispatch.identity.tokens import TokenIssuer
 from autodispatch.ops.bench_realtime.report import Progress
@@ -244,6 +245,11 @@ class Writer:
         self._tasks: list[asyncio.Task[None]] = []
         self._conns: list[psycopg.AsyncConnection[Any]] = []
         self._pacer: Pacer | None = None
+        # Numbers the events these writes make as soon as each commits, as a server does
+        # for its own writes (db/sequencer.py); the server's timer is for other writers.
+        self.sequencer = Sequencer(url)
+        self._sequencing: asyncio.Task[None] | None = None
+        self._stop_sequencing = asyncio.Event()
         self._pools: dict[tuple[tuple[str, ...], uuid.UUID | None], list[Member]] = {}
         self.watching = len(members)
 
@@ -264,11 +270,18 @@ class Writer:
             for _ in range(self.connections)
         ]
         self._tasks = [asyncio.create_task(self._lifecycles(conn)) for conn in self._conns]
+        self._stop_sequencing.clear()
+        self._sequencing = asyncio.create_task(self.sequencer.run(self._stop_sequencing))
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sequencing is not None:
+            self._stop_sequencing.set()
+            self.sequencer.poke()
+            await self._sequencing
+            self._sequencing = None
         for conn in self._conns:
             with contextlib.suppress(psycopg.Error):
                 await conn.close()
@@ -322,6 +335,7 @@ class Writer:
                 for step, sql in LIFECYCLE:
                     await self._pacer.take(EVENTS_PER_STEP[step])
                     cur = await conn.execute(sql, ids)
+                    self.sequencer.poke()
                     row = await cur.fetchone()
                     if row is None:
                         raise RuntimeError(f"bench writer: step {step} changed nothing ({ids})")
