@@ -226,3 +226,84 @@ async def test_leaving_a_channel_while_its_key_change_reads_removals_closes_noth
             await asyncio.sleep(1.0)
             assert raw.closed is None, f"socket closed: {raw.closed}"
             assert any(r["table"] == "feature_flags" for r in raw.rows(b)[-1:])
+
+
+async def last_id(db_url: str) -> int:
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        cur = await conn.execute("select last_id from realtime.stream where id = 1")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("touch_row", [False, True])
+async def test_a_row_whose_change_has_no_id_yet_still_gets_its_removal(
+    db_url: str, tmp_path: Path, touch_row: bool
+) -> None:
+    """Rita's South request has no event left in the log (pruned). She is moved to North
+    while a change of that request has committed but has no id yet (a sequencer is busy):
+    the removal must still be sent. Its unnumbered event will be numbered after the move,
+    so the request's state at the move is the version before that event."""
+    async with (
+        serve_live(db_url, tmp_path, NATIVE) as world,
+        started_hub(db_url) as hub,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        customer = await world.make("cara", "customer")
+        rita = await world.make("rita", "mechanic", workshop="South")
+        nora = await world.make("nora", "mechanic", workshop="North")
+        south = (await world.queued(http, customer, rita.workshop_id))["assignment"]["id"]
+        await settled(hub, db_url)
+        # The request is older than the retention window: its events are pruned.
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute(
+                "update realtime.events set at = now() - interval '30 days' where id is not null"
+            )
+            await conn.execute("select realtime.prune(interval '7 days')")
+        sink = HookSink()
+        sub = await hub.subscribe(principal(rita), BINDINGS, sink, "test")
+        assert not hub.needs_catch_up(sub)
+
+        gate = asyncio.Event()
+        read_available = hub.reader.read_available
+
+        async def gated() -> int:
+            await gate.wait()
+            return await read_available()
+
+        hub.reader.read_available = gated
+        await asyncio.sleep(0.6)  # the reader is parked at the gate
+        before = await last_id(db_url)
+        await sql(db_url, MOVE, nora.workshop_id, rita.id)  # K: rita leaves South
+        for _ in range(200):
+            if await last_id(db_url) > before:
+                break
+            await asyncio.sleep(0.02)
+        k = await last_id(db_url)
+        assert k > before, "K numbered by a sequencer"
+        # Sequencers busy for a moment (any sequencer holding the stream's row lock).
+        lock = await psycopg.AsyncConnection.connect(db_url)
+        await lock.execute("select 1 from realtime.stream where id = 1 for update")
+        if touch_row:
+            # Any committed change of the South request, after K: no id yet.
+            await sql(
+                db_url,
+                "update public.session_assignments set request_summary ="
+                ' request_summary || \'{"note": "x"}\' where id = %s',
+                south,
+            )
+        gate.set()
+        await wait_until(lambda: hub.reader.routed >= k)
+        await wait_until(lambda: not hub._rekeying)
+        await asyncio.sleep(0.3)
+        await lock.rollback()
+        await lock.close()
+        await produce_flag_events(db_url, 1, 16)
+        await settled(hub, db_url)
+        got = [(t, ty, row) for _, t, ty, row, _ in sink.frames]
+        r = await http.get(f"{world.server.base}/api/mechanic/queue", headers=rita.headers)
+        rls = {a["id"] for a in r.json()["items"]}
+        assert south not in rls
+        assert ("session_assignments", "DELETE", south) in got, (
+            "rita was never told that the South request left her view"
+        )

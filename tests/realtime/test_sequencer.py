@@ -312,3 +312,31 @@ async def test_a_server_numbers_its_own_writes_at_once(db_url: str, tmp_path: Pa
             (event,) = await asyncio.wait_for(sse.changes(1), 5)
             assert event["json"]["record"]["id"] == queued["assignment"]["id"]
             assert time.monotonic() - started < 5
+
+
+def test_prune_keeps_what_a_writer_open_for_long_numbered_after(db_url: str) -> None:
+    """An event's time is when it was written: a writer that stayed open gets a high id
+    with an old time. Pruning must stop at the first event still inside the window (by
+    id), not drop everything below that old one."""
+    with psycopg.connect(db_url, autocommit=True) as admin, psycopg.connect(db_url) as slow:
+        admin.execute("insert into feature_flags (key) values ('p_slow'), ('p_quick')")
+        admin.execute("select realtime.sequence(1000)")
+        slow.execute("update feature_flags set description = 'slow' where key = 'p_slow'")
+        time.sleep(2.5)  # the slow writer stays open
+        admin.execute("update feature_flags set description = 'young' where key = 'p_quick'")
+        admin.execute("select realtime.sequence(1000)")
+        slow.commit()
+        admin.execute("select realtime.sequence(1000)")
+        row = admin.execute(
+            "select id from realtime.events where record->>'description' = 'young'"
+        ).fetchone()
+        assert row is not None
+        young = row[0]
+        admin.execute("select realtime.prune(interval '2 seconds')")
+        kept = admin.execute(
+            "select record->>'description' from realtime.events where id >= %s order by id",
+            (young,),
+        ).fetchall()
+        horizon = admin.execute("select pruned_through from realtime.stream").fetchone()
+    assert [d for (d,) in kept] == ["young", "slow"]
+    assert horizon is not None and horizon[0] < young

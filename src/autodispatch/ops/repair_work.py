@@ -493,9 +493,14 @@ class Repairer:
 
         async def fix(page: Sequence[Row]) -> None:
             async def body(tally: Tally) -> None:
+                # The oldest events without an id get theirs: these, unless a server
+                # numbered them meanwhile (then newer ones: the count is what was done).
                 (done,) = await self.rows("repair_sequence_events", {"limit": len(page)})
-                tally.fixed += int(done["assigned"])
-                tally.changes += [describe(row) for row in page[: int(done["assigned"])]]
+                assigned = int(done["assigned"])
+                tally.fixed += assigned
+                tally.changes.append(
+                    f"{assigned} events given their ids, through event {done['last_id']}"
+                )
 
             await self.transaction(result, body)
 

@@ -64,6 +64,86 @@ $$;
 
 revoke execute on function realtime.sequence(int) from public;
 
--- realtime.prune (0002) is unchanged: it deletes numbered events only, which the
--- sequencer never updates, then takes the stream's row lock for a moment; it does not
--- hold that lock through its delete, so a long prune never holds delivery back.
+-- Retention (0002's prune, changed): an event's `at` is now when it was written, not when
+-- it got its id, so a transaction that stayed open gets a high id with an old time. The
+-- prune drops events up to the first one (by id) still inside the window, never past it:
+-- everything it drops is older than p_keep, and what it keeps is a whole suffix of the
+-- log. It reads the ids in order from the oldest: about as many rows as it drops.
+create or replace function realtime.prune(p_keep interval) returns bigint
+language plpgsql security definer set search_path = '' as $$
+declare
+  v_young bigint;
+  v_through bigint;
+  v_count bigint;
+begin
+  select e.id into v_young from realtime.events e
+  where e.id is not null and e.at >= now() - p_keep
+  order by e.id limit 1;
+  if v_young is null then
+    select max(e.id) into v_through from realtime.events e;  -- every numbered one is old
+  else
+    v_through := v_young - 1;
+  end if;
+  if v_through is null or not exists (
+    select 1 from realtime.events e where e.id is not null and e.id <= v_through
+  ) then
+    return 0;
+  end if;
+  delete from realtime.events where id <= v_through;
+  get diagnostics v_count = row_count;
+  update realtime.stream set pruned_through = greatest(pruned_through, v_through) where id = 1;
+  return v_count;
+end
+$$;
+
+-- Removals when a user's keys change (0006's rows_leaving_view, changed): an event that
+-- has committed without an id yet will be numbered after every numbered one, so for the
+-- row's version at p_at it counts as later than p_at (the version before it is the
+-- row's state then). Before 0008 no other transaction could see such an event.
+create or replace function realtime.rows_leaving_view(
+  p_tables text[], p_at bigint, p_had text[], p_has text[], p_limit int
+) returns table (table_name text, record jsonb, keys text[])
+language sql stable security definer set search_path = '' as $$
+  with events as (
+    select e.table_name, e.row_id, e.id, e.seq, e.record, e.old_record, e.new_keys,
+           e.old_keys, coalesce(e.id > p_at, true) as later
+    from realtime.events e
+    where e.schema_name = 'public' and e.table_name = any(p_tables)
+  ),
+  versions as (
+    select distinct on (e.table_name, e.row_id)
+           e.table_name,
+           case when e.later then e.old_record else e.record end as record,
+           case when e.later then e.old_keys else e.new_keys end as keys
+    from events e
+    -- The last event up to p_at, else the first after it (numbered before unnumbered).
+    order by e.table_name, e.row_id, e.later,
+             case when not e.later then -e.id end, (e.id is null), e.id, e.seq
+  ),
+  unlogged_rows as (
+    select 'sessions' as table_name, to_jsonb(s) - 'visibility_keys' as record,
+           public.session_visibility_keys(s) as keys, s.id::text as row_id
+    from public.sessions s where 'sessions' = any(p_tables)
+    union all
+    select 'session_assignments', to_jsonb(a), public.assignment_visibility_keys(a), a.id::text
+    from public.session_assignments a where 'session_assignments' = any(p_tables)
+    union all
+    select 'session_messages', to_jsonb(m) - 'visibility_keys', public.message_visibility_keys(m),
+           m.id::text
+    from public.session_messages m where 'session_messages' = any(p_tables)
+    union all
+    select 'probe_pings', to_jsonb(p), public.probe_visibility_keys(p), p.id::text
+    from public.probe_pings p where 'probe_pings' = any(p_tables)
+  )
+  select v.table_name, v.record, v.keys from versions v
+  where v.record is not null and v.keys && p_had and not v.keys && p_has
+  union all
+  select u.table_name, u.record, u.keys from unlogged_rows u
+  where u.keys && p_had and not u.keys && p_has
+    and not exists (
+      select 1 from realtime.events e
+      where e.schema_name = 'public' and e.table_name = u.table_name and e.row_id = u.row_id)
+  limit p_limit
+$$;
+
+revoke execute on all functions in schema realtime from public;

@@ -16,8 +16,8 @@ where id = %(id)s;
 delete from realtime.gateways where id = %(id)s;
 
 -- name: first_event_after
--- The oldest committed event after a reader's position, and how long ago it committed
--- (ids are assigned at commit, in order: see migration 0002).
+-- The oldest event after a reader's position, and how long ago it was written (ids are
+-- given in order after commit: see migration 0008).
 select id, extract(epoch from clock_timestamp() - at)::float8 as age_seconds
 from realtime.events
 where id > %(after)s
