@@ -78,6 +78,38 @@ async def settled(hub: Any, db_url: str) -> None:
     await asyncio.sleep(0.2)
 
 
+async def last_id(db_url: str) -> int:
+    """The log's last id as it is (``log_head`` numbers waiting events first)."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        cur = await conn.execute("select last_id from realtime.stream where id = 1")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def south_and_north(world: Any, http: httpx.AsyncClient) -> tuple[Any, Any, Any, str]:
+    """A customer, Rita (South workshop), Nora (North), and a queued South request (id)."""
+    customer = await world.make("cara", "customer")
+    rita = await world.make("rita", "mechanic", workshop="South")
+    nora = await world.make("nora", "mechanic", workshop="North")
+    south = (await world.queued(http, customer, rita.workshop_id))["assignment"]["id"]
+    return customer, rita, nora, south
+
+
+def park_reader(hub: Any) -> asyncio.Event:
+    """From now on the hub's log reader waits before each read until the returned event
+    is set: the moments a lagging reader opens, made on purpose."""
+    gate = asyncio.Event()
+    read_available = hub.reader.read_available
+
+    async def gated() -> int:
+        await gate.wait()
+        return int(await read_available())
+
+    hub.reader.read_available = gated
+    return gate
+
+
 async def test_a_row_let_in_by_a_change_the_replay_applied_arrives(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -92,10 +124,7 @@ async def test_a_row_let_in_by_a_change_the_replay_applied_arrives(
         started_hub(db_url) as hub,
         httpx.AsyncClient(timeout=10) as http,
     ):
-        customer = await world.make("cara", "customer")
-        rita = await world.make("rita", "mechanic", workshop="South")
-        nora = await world.make("nora", "mechanic", workshop="North")
-        south = (await world.queued(http, customer, rita.workshop_id))["assignment"]["id"]
+        customer, rita, nora, south = await south_and_north(world, http)
         await settled(hub, db_url)
         read_keys = hub._keys_and_head
         flag: list[int] = []
@@ -147,21 +176,9 @@ async def test_changes_already_in_a_fresh_joins_keys_are_not_applied_again(
         started_hub(db_url) as hub,
         httpx.AsyncClient(timeout=10) as http,
     ):
-        customer = await world.make("cara", "customer")
-        rita = await world.make("rita", "mechanic", workshop="South")
-        nora = await world.make("nora", "mechanic", workshop="North")
-        south = (await world.queued(http, customer, rita.workshop_id))["assignment"]["id"]
+        _customer, rita, nora, south = await south_and_north(world, http)
         await settled(hub, db_url)
-        gate = asyncio.Event()
-        gate.set()
-        read_available = hub.reader.read_available
-
-        async def gated() -> int:
-            await gate.wait()
-            return await read_available()
-
-        hub.reader.read_available = gated
-        gate.clear()
+        gate = park_reader(hub)
         await asyncio.sleep(0.6)  # the reader is now parked at the gate
         await sql(db_url, MOVE, nora.workshop_id, rita.id)
         await sql(db_url, MOVE, rita.workshop_id, rita.id)
@@ -189,10 +206,7 @@ async def test_leaving_a_channel_while_its_key_change_reads_removals_closes_noth
         httpx.AsyncClient(timeout=10) as http,
     ):
         hub = world.server.app.state.realtime
-        customer = await world.make("cara", "customer")
-        rita = await world.make("rita", "mechanic", workshop="South")
-        nora = await world.make("nora", "mechanic", workshop="North")
-        await world.queued(http, customer, rita.workshop_id)
+        _, rita, nora, _ = await south_and_north(world, http)
         async with raw_socket(world.server) as raw:
             a, b = "realtime:queue", "realtime:flags"
             assert (await raw.join(a, [ASSIGNMENTS, FLAGS], token=rita.token)).payload[
@@ -228,14 +242,6 @@ async def test_leaving_a_channel_while_its_key_change_reads_removals_closes_noth
             assert any(r["table"] == "feature_flags" for r in raw.rows(b)[-1:])
 
 
-async def last_id(db_url: str) -> int:
-    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-        cur = await conn.execute("select last_id from realtime.stream where id = 1")
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 @pytest.mark.parametrize("touch_row", [False, True])
 async def test_a_row_whose_change_has_no_id_yet_still_gets_its_removal(
     db_url: str, tmp_path: Path, touch_row: bool
@@ -249,10 +255,7 @@ async def test_a_row_whose_change_has_no_id_yet_still_gets_its_removal(
         started_hub(db_url) as hub,
         httpx.AsyncClient(timeout=10) as http,
     ):
-        customer = await world.make("cara", "customer")
-        rita = await world.make("rita", "mechanic", workshop="South")
-        nora = await world.make("nora", "mechanic", workshop="North")
-        south = (await world.queued(http, customer, rita.workshop_id))["assignment"]["id"]
+        _customer, rita, nora, south = await south_and_north(world, http)
         await settled(hub, db_url)
         # The request is older than the retention window: its events are pruned.
         async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
@@ -264,14 +267,7 @@ async def test_a_row_whose_change_has_no_id_yet_still_gets_its_removal(
         sub = await hub.subscribe(principal(rita), BINDINGS, sink, "test")
         assert not hub.needs_catch_up(sub)
 
-        gate = asyncio.Event()
-        read_available = hub.reader.read_available
-
-        async def gated() -> int:
-            await gate.wait()
-            return await read_available()
-
-        hub.reader.read_available = gated
+        gate = park_reader(hub)
         await asyncio.sleep(0.6)  # the reader is parked at the gate
         before = await last_id(db_url)
         await sql(db_url, MOVE, nora.workshop_id, rita.id)  # K: rita leaves South

@@ -9,7 +9,6 @@ meanwhile after it.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,13 +23,10 @@ from psycopg.rows import dict_row
 from test_ws_protocol import (
     FLAGS,
     WAIT,
-    Raw,
-    anon_key,
     log_head,
     produce_flag_events,
-    socket_url,
+    slow_socket,
 )
-from websockets.asyncio.client import connect
 
 from autodispatch.db.database import Database
 from autodispatch.domain.principal import ANONYMOUS
@@ -155,12 +151,7 @@ async def test_websocket_resume_gets_events_committed_during_the_replay_once_in_
     topic = "realtime:flags"
     cursor = await log_head(world.db_url)
     missed = await flag_events(world.db_url, 1500, size=4096)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    url = socket_url(server, await anon_key(server), VSN_2)
-    async with connect(url, sock=sock, compression=None, max_queue=1, open_timeout=WAIT) as ws:
-        raw = Raw(ws, VSN_2)
+    async with slow_socket(server) as (ws, raw):
         ref = raw.ref()
         join = {
             "config": {"postgres_changes": [FLAGS], "presence": {"enabled": False}},
@@ -304,12 +295,7 @@ async def test_a_client_that_heartbeats_through_a_long_websocket_resume_gets_all
     server = small_queue_ws.server
     cursor = await log_head(small_queue_ws.db_url)
     missed = await flag_events(small_queue_ws.db_url, 1500, size=4096)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    url = socket_url(server, await anon_key(server), VSN_2)
-    async with connect(url, sock=sock, compression=None, max_queue=1, open_timeout=WAIT) as ws:
-        raw = Raw(ws, VSN_2)
+    async with slow_socket(server) as (ws, raw):
         topic = "realtime:flags"
         ref = raw.ref()
         join = {"config": {"postgres_changes": [FLAGS]}, RESUME_FROM_KEY: cursor}

@@ -769,6 +769,18 @@ async def metric(server: LiveServer, name: str, labels: str) -> float:
     return 0.0
 
 
+@asynccontextmanager
+async def slow_socket(server: LiveServer) -> AsyncIterator[tuple[Any, Raw]]:
+    """An anonymous vsn 2 socket with a tiny receive buffer, a one-frame client queue and
+    no compression: once the test stops reading, the server's writes block soon."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    url = socket_url(server, await anon_key(server), VSN_2)
+    async with connect(url, sock=sock, compression=None, max_queue=1, open_timeout=WAIT) as ws:
+        yield ws, Raw(ws, VSN_2)
+
+
 async def produce_flag_events(db_url: str, count: int, size: int) -> list[int]:
     """``count`` new feature flags in one transaction (so ``count`` INSERT events that
     everyone may see), each with a random description of about ``size`` hex characters
@@ -808,14 +820,7 @@ async def test_a_slow_consumer_is_closed_and_resumes_without_loss(
     server = world.server
     mo = await world.make("mo", "mechanic")
     topic = "realtime:flags"
-    # A tiny receive buffer, a one-frame client queue and no compression, so that once
-    # the test stops reading, the server's writes block soon.
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    url = socket_url(server, await anon_key(server), VSN_2)
-    async with connect(url, sock=sock, compression=None, max_queue=1, open_timeout=WAIT) as ws:
-        slow = Raw(ws, VSN_2)
+    async with slow_socket(server) as (ws, slow):
         ref = slow.ref()
         join_payload = {
             "config": {"postgres_changes": [FLAGS], "presence": {"enabled": False}},
