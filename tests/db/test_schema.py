@@ -121,6 +121,32 @@ def test_empty_database_migrates_from_nothing(pg_server: str) -> None:
             conn.execute(f'drop database "{name}" with (force)')
 
 
+def test_the_visibility_key_functions_are_inlined_into_their_callers(db_url: str) -> None:
+    """Every ``*_visibility_keys`` SQL function is inlined where it is called (RLS
+    policies, the capture trigger), not run as a function planned again in each
+    transaction: a plan that calls one shows its expression, never its name. (The intake's
+    keys come from a subquery on sessions, which PostgreSQL does not inline.)"""
+    with psycopg.connect(db_url) as conn:
+        functions = conn.execute(
+            "select p.proname, p.proargtypes[0]::regtype::text from pg_proc p"
+            " join pg_namespace n on n.oid = p.pronamespace"
+            " where n.nspname = 'public' and p.proname like '%\\_visibility\\_keys'"
+            " and p.prolang = (select oid from pg_language where lanname = 'sql')"
+            " and p.proname <> 'intake_visibility_keys'"
+        ).fetchall()
+        assert len(functions) >= 7, functions
+        for name, argument in functions:
+            if argument == "uuid":
+                source, value = "public.profiles t", "t.id"
+            else:
+                source, value = f"{argument} t", "t"
+            plan = conn.execute(
+                f"explain (verbose, costs off) select public.{name}({value}) from {source}"
+            ).fetchall()
+            text = "\n".join(row[0] for row in plan)
+            assert f"{name}(" not in text, f"{name} is not inlined:\n{text}"
+
+
 def test_every_named_query_parses_against_the_schema(db_url: str) -> None:
     """Each query in db/sql prepares against the migrated schema (no typos in names)."""
     with psycopg.connect(db_url) as conn:
