@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import random
 import threading
 import time
@@ -141,28 +142,29 @@ def live_sessions(
 
 
 class Writers:
-    """``count`` writer threads of a workload, each on a connection of its own."""
+    """Writer threads of a workload, each on a connection of its own: the writers with the
+    given indexes (of ``count`` in the run), in this process."""
 
     def __init__(
         self,
-        url: str,
-        workload: str,
-        count: int,
-        sessions: list[dict[str, Any]],
-        customers: list[Member],
-        mechanics: list[Member],
+        spec: WriterSpec,
+        window: Sequence[float],
         after_commit: Callable[[], None],
     ) -> None:
-        self.url = url
-        self.kinds = [self._kind(workload, i) for i in range(count)]
-        self.sessions = sessions
-        self.customers = customers
-        self.mechanics = mechanics
+        self.url = spec.url
+        self.indexes = spec.indexes
+        self.kinds = {i: self._kind(spec.workload, i) for i in spec.indexes}
+        self.sessions = spec.sessions
+        self.customers = spec.customers
+        self.mechanics = spec.mechanics
         self.after_commit = after_commit
         self.stop = threading.Event()
-        self.measuring = threading.Event()
-        self.latencies: list[list[float]] = [[] for _ in range(count)]
+        self.window = window  # (start, end) on the monotonic clock, shared by the processes
+        self.latencies: dict[int, list[float]] = {i: [] for i in spec.indexes}
         self.errors: list[str] = []
+        self.threads = [
+            threading.Thread(target=self._write, args=(i,), daemon=True) for i in spec.indexes
+        ]
 
     @staticmethod
     def _kind(workload: str, i: int) -> str:
@@ -170,25 +172,14 @@ class Writers:
             return "chat" if i % 2 == 0 else "lifecycle"
         return workload
 
-    def run(self, warmup: float, seconds: float) -> float:
-        threads = [
-            threading.Thread(target=self._write, args=(i,), daemon=True)
-            for i in range(len(self.kinds))
-        ]
-        for t in threads:
+    def start(self) -> None:
+        for t in self.threads:
             t.start()
-        time.sleep(warmup)
-        self.measuring.set()
-        started = time.perf_counter()
-        time.sleep(seconds)
-        self.measuring.clear()
-        elapsed = time.perf_counter() - started
+
+    def finish(self) -> None:
         self.stop.set()
-        for t in threads:
+        for t in self.threads:
             t.join(timeout=30)
-        if self.errors:
-            raise SystemExit(f"a bench writer failed: {self.errors[0]}")
-        return elapsed
 
     def _write(self, i: int) -> None:
         try:
@@ -197,7 +188,7 @@ class Writers:
                     self._chat(conn, i)
                 else:
                     self._lifecycles(conn, i)
-        except Exception as exc:  # reported by run(), not lost in a thread
+        except Exception as exc:  # reported by the run, not lost in a thread
             self.errors.append(f"writer {i}: {exc!r}")
 
     def _timed(
@@ -208,7 +199,7 @@ class Writers:
         row = cur.fetchone() if cur.description is not None else None
         took = time.perf_counter() - started
         self.after_commit()
-        if self.measuring.is_set():
+        if self.window[0] <= time.monotonic() < self.window[1]:
             self.latencies[i].append(took)
         return row
 
@@ -275,13 +266,95 @@ class Subscriber:
                         pass
 
 
-async def _sequencing(
-    url: str, stop: asyncio.Event, ready: threading.Event, box: list[Sequencer]
+@dataclass
+class WriterSpec:
+    """What one writer process needs (it is pickled to a process of its own)."""
+
+    url: str
+    workload: str
+    indexes: list[int]
+    sessions: list[dict[str, Any]]
+    customers: list[Member]
+    mechanics: list[Member]
+    number: bool  # run a sequencer poked after each commit, as a server for its own writes
+
+
+def _writer_process(
+    spec: WriterSpec,
+    ready: Any,
+    window: Any,
+    stop: Any,
+    results: Any,
 ) -> None:
-    sequencer = Sequencer(url, poll_interval=0.05)
-    box.append(sequencer)
+    """One writer process: its writers (and, with the log on, its sequencer, which numbers
+    the events of this process's commits right after each, as a server does for its own
+    writes), until told to stop; then its latencies and errors go to ``results``."""
+    loop = asyncio.new_event_loop()
+    done = asyncio.Event()
+    sequencer = Sequencer(spec.url, poll_interval=0.05)
+    numbering = threading.Thread(
+        target=lambda: loop.run_until_complete(sequencer.run(done)), daemon=True
+    )
+
+    def poke() -> None:
+        loop.call_soon_threadsafe(sequencer.poke)
+
+    if spec.number:
+        numbering.start()
+    writers = Writers(spec, window, poke if spec.number else (lambda: None))
+    writers.start()
     ready.set()
-    await sequencer.run(stop)
+    stop.wait()
+    writers.finish()
+    if spec.number:
+        loop.call_soon_threadsafe(done.set)
+        loop.call_soon_threadsafe(sequencer.poke)
+        numbering.join(timeout=10)
+    results.put((writers.latencies, writers.errors))
+
+
+def run_processes(
+    specs: list[WriterSpec], warmup: float, seconds: float
+) -> tuple[float, list[float]]:
+    """Run writer processes together: warm up, measure for ``seconds`` (every process at
+    once), stop. Returns the measured seconds and every commit's latency (s)."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    # The measured window, set once all are ready; read without a lock on each commit.
+    window = context.Array("d", [float("inf"), float("inf")], lock=False)
+    results = context.Queue()
+    readies = [context.Event() for _ in specs]
+    processes = [
+        context.Process(
+            target=_writer_process, args=(spec, ready, window, stop, results), daemon=True
+        )
+        for spec, ready in zip(specs, readies, strict=True)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for ready, process in zip(readies, processes, strict=True):
+            while not ready.wait(0.5):
+                if not process.is_alive():
+                    raise SystemExit(f"a bench writer process died (exit {process.exitcode})")
+        start = time.monotonic() + warmup
+        window[1] = start + seconds
+        window[0] = start
+        time.sleep(max(0.0, start + seconds - time.monotonic()) + 0.05)
+        stop.set()
+        latencies: list[float] = []
+        errors: list[str] = []
+        for _ in processes:
+            mine, failed = results.get(timeout=60)
+            latencies += [x for values in mine.values() for x in values]
+            errors += failed
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(timeout=30)
+    if errors:
+        raise SystemExit(f"a bench writer failed: {errors[0]}")
+    return seconds, latencies
 
 
 def run_writes(
@@ -294,23 +367,13 @@ def run_writes(
     seconds: float = 4.0,
     warmup: float = 1.0,
     modes: Sequence[str] = MODES,
+    processes: int = 2,
     progress: Callable[[str], None] = print,
 ) -> list[Run]:
-    """Every (workload, writers) in each mode; the figures of each run."""
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    ready = threading.Event()
-    box: list[Sequencer] = []
-    thread = threading.Thread(
-        target=lambda: loop.run_until_complete(_sequencing(url, stop, ready, box)), daemon=True
-    )
-    thread.start()
-    ready.wait(10)
-    sequencer = box[0]
-
-    def poke() -> None:
-        loop.call_soon_threadsafe(sequencer.poke)
-
+    """Every (workload, writers) in each mode; the figures of each run. The writers of a
+    run are spread over ``processes`` processes (a Python process's writer threads share
+    one interpreter lock, which would make the client the bottleneck); with the log on,
+    each process numbers its own writes, as each server process does."""
     sessions = live_sessions(url, customers, mechanics, max(writer_counts))
     runs: list[Run] = []
     try:
@@ -320,14 +383,23 @@ def run_writes(
             for workload in workloads:
                 for count in writer_counts:
                     run = Run(workload, count, mode)
-                    writers = Writers(
-                        url, workload, count, sessions, customers, mechanics,
-                        poke if mode == "on" else (lambda: None),
-                    )  # fmt: skip
+                    share = min(processes, count)
+                    specs = [
+                        WriterSpec(
+                            url,
+                            workload,
+                            list(range(p, count, share)),
+                            sessions,
+                            customers,
+                            mechanics,
+                            number=mode == "on",
+                        )
+                        for p in range(share)
+                    ]
                     subscriber = Subscriber(url) if mode != "off" else None
                     with subscriber or contextlib.nullcontext():
-                        run.seconds = writers.run(warmup, seconds)
-                    run.latencies = [x * 1000 for mine in writers.latencies for x in mine]
+                        run.seconds, latencies = run_processes(specs, warmup, seconds)
+                    run.latencies = [x * 1000 for x in latencies]
                     run.commits = len(run.latencies)
                     if subscriber is not None:
                         run.received_ms = subscriber.received_ms
@@ -338,10 +410,6 @@ def run_writes(
     finally:
         set_log(url, True)
         set_numbering_at_commit(url, False)
-        loop.call_soon_threadsafe(stop.set)
-        loop.call_soon_threadsafe(sequencer.poke)
-        thread.join(timeout=10)
-        loop.close()
     return runs
 
 
