@@ -103,6 +103,7 @@ def create_app(settings: Settings, database_url: str) -> FastAPI:
             queue_size=settings.realtime_queue_size,
             routing=settings.realtime_routing,  # "keys" unless benchmarking the baseline
             sequence_poll_interval=settings.realtime_sequence_poll_interval,
+            sequence_spacing=settings.realtime_sequence_spacing,
         ),
         loops,
     )

@@ -78,6 +78,10 @@ class Settings:
     # get their ids within this many seconds; a server's own writes at once after their
     # commit (realtime/sequencer.py). The readers deliver nothing before.
     realtime_sequence_poll_interval: float = 0.05
+    # The least time between two numbering runs of a process: under load one run numbers
+    # the commits of this interval in one transaction (not one each); with sparse writes
+    # the next commit comes later anyway, so nothing waits (docs/decisions.md).
+    realtime_sequence_spacing: float = 0.002
     realtime_queue_size: int = 1000
     # How often each process tells the others on the bus it is alive; one silent for three
     # of its intervals has its presences dropped everywhere (realtime/broker.py). At most
@@ -117,6 +121,9 @@ class Settings:
             "realtime_queue_size": _int(env, "AUTODISPATCH_REALTIME_QUEUE_SIZE", 1000),
             "realtime_sequence_poll_interval": _seconds(
                 env, "AUTODISPATCH_REALTIME_SEQUENCE_POLL_INTERVAL", 0.05, most=10
+            ),
+            "realtime_sequence_spacing": _seconds(
+                env, "AUTODISPATCH_REALTIME_SEQUENCE_SPACING", 0.002, most=0.1
             ),
             "realtime_presence_interval": _seconds(
                 env, "AUTODISPATCH_REALTIME_PRESENCE_INTERVAL", 5.0, most=3600

@@ -290,6 +290,51 @@ async def test_a_poke_numbers_at_once_and_the_poll_catches_writes_from_elsewhere
         await asyncio.wait_for(task, 10)
 
 
+async def test_pokes_under_load_fold_into_one_run_per_spacing_and_sparse_ones_wait_not(
+    db_url: str,
+) -> None:
+    """With ``spacing``, commits poked about faster than that are numbered together by
+    one run after the spacing, not by one run each; a poke that comes after a quiet
+    spell is numbered at once."""
+    numbered: list[tuple[int, float]] = []
+    loop = asyncio.get_running_loop()
+    sequencer = Sequencer(
+        db_url,
+        poll_interval=60,
+        spacing=0.4,
+        on_sequenced=lambda n, _last: numbered.append((n, loop.time())),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(sequencer.run(stop))
+    try:
+        await asyncio.sleep(0.6)  # the first run and its spacing are over
+        numbered.clear()
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for i in range(5):
+                touch(conn, FLAG, f"burst {i}")
+                sequencer.poke()
+                await asyncio.sleep(0.02)
+        for _ in range(100):
+            if sum(n for n, _ in numbered) >= 5:
+                break
+            await asyncio.sleep(0.02)
+        assert [n for n, _ in numbered] == [1, 4], numbered
+        await asyncio.sleep(0.6)  # quiet for longer than the spacing
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            touch(conn, FLAG, "after a quiet spell")
+            poked = loop.time()
+            sequencer.poke()
+        for _ in range(100):
+            if len(numbered) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(numbered) == 3 and numbered[2][1] - poked < 0.3, numbered
+    finally:
+        stop.set()
+        sequencer.poke()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_a_server_numbers_its_own_writes_at_once(db_url: str, tmp_path: Path) -> None:
     """With the timer set to a minute, a request created through the API still reaches a
     subscriber within seconds: the commit pokes the server's sequencer."""

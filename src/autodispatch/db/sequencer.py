@@ -8,7 +8,11 @@ for the readers of every process. This loop runs it:
 - at once after this process commits a write (``poke``, which a server wires to
   ``Database.on_write_commit``): pokes that arrive while it runs fold into one more run;
 - every ``poll_interval`` seconds, for events written by SQL from elsewhere (an operator,
-  another program): they wait at most that long for an id.
+  another program): they wait at most that long for an id;
+- never sooner than ``spacing`` seconds after the previous run started: under load, the
+  commits of that interval are numbered by one transaction, not one each (each run is a
+  commit with its own WAL flush and NOTIFY); when writes are sparser than that, the next
+  poke comes later anyway and is served at once.
 
 Several processes may run it: they take turns on the stream's row lock, which no writer
 takes. After a run that numbered events, ``on_sequenced(count, last_id)`` is called (a
@@ -39,11 +43,13 @@ class Sequencer:
         url: str,
         *,
         poll_interval: float = 0.05,
+        spacing: float = 0.0,
         batch: int = BATCH,
         on_sequenced: Callable[[int, int], None] | None = None,
     ) -> None:
         self.url = url
         self.poll_interval = poll_interval
+        self.spacing = spacing  # the least time from one run's start to the next's
         self.batch = batch
         self.on_sequenced = on_sequenced
         self.last_id = 0  # the log's last id after the latest run
@@ -64,8 +70,10 @@ class Sequencer:
             event="event_sequence_failed",
         )
         try:
+            loop = asyncio.get_running_loop()
             while not stop.is_set():
                 self._wake.clear()  # a poke from here on runs the loop again
+                started = loop.time()
                 try:
                     await self.sequence_available()
                 except Exception as exc:
@@ -74,6 +82,12 @@ class Sequencer:
                     health.ok()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+                # Under load, pokes come faster than runs end: spacing the runs lets each
+                # number the commits of the whole interval in one transaction. When writes
+                # are sparse the next poke comes later than this anyway: no delay added.
+                rest = started + self.spacing - loop.time()
+                if rest > 0 and not stop.is_set():
+                    await asyncio.sleep(rest)
         finally:
             await self.close()
 

@@ -1,7 +1,8 @@
 """`autodispatch bench writes`: what the event log costs the writers.
 
 Each run writes for a few seconds with 1, 8, 32 and 64 writers (one connection each,
-one commit per statement, as fast as they can) on three workloads, first with the event
+one commit per statement, as fast as they can; the writer threads spread over two
+processes, so that one interpreter lock is not the limit) on three workloads, first with the event
 log's capture triggers on, then with them disabled, in the same run:
 
 - **chat**: each writer inserts messages into a live session of its own (no two writers
@@ -15,7 +16,7 @@ A third mode, the baseline "at commit", puts back the numbering used before migr
 for the same writes in the same run.
 
 Reported per run: commits/s, commit latency p50/p99 (the statement's round trip, its
-commit included). With the log on, a sequencer in the writers' process numbers their
+commit included). With the log on, a sequencer in each writer process numbers its
 events after each commit, as a server does for its own writes (db/sequencer.py); for
 the fastest run with the log on, a subscriber reading the log (as a server's reader
 does) reports how long after each write (its ``at``) it had the event; so does the
@@ -36,10 +37,12 @@ from typing import Any
 
 import psycopg
 
+from autodispatch.config import Settings
 from autodispatch.db.sequencer import Sequencer
 from autodispatch.ops.bench_realtime.workload import LIFECYCLE, Member
 
 WORKLOADS = ("chat", "lifecycle", "mix")
+SPACING = Settings.realtime_sequence_spacing  # a server's default
 WRITER_COUNTS = (1, 8, 32, 64)
 CAPTURED = ("sessions", "session_assignments", "feature_flags", "session_messages", "probe_pings")
 
@@ -291,7 +294,7 @@ def _writer_process(
     writes), until told to stop; then its latencies and errors go to ``results``."""
     loop = asyncio.new_event_loop()
     done = asyncio.Event()
-    sequencer = Sequencer(spec.url, poll_interval=0.05)
+    sequencer = Sequencer(spec.url, poll_interval=0.05, spacing=SPACING)
     numbering = threading.Thread(
         target=lambda: loop.run_until_complete(sequencer.run(done)), daemon=True
     )

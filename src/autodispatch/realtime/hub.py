@@ -69,6 +69,8 @@ class RealtimeSettings:
     replay_page: int = 1000  # events read per statement when a subscriber resumes
     # How often the sequencer looks for events committed by SQL from elsewhere.
     sequence_poll_interval: float = 0.05
+    # The least time between the starts of two numbering runs (coalescing under load).
+    sequence_spacing: float = 0.002
 
 
 def _pruned(cursor: int, pruned_through: int) -> str:
@@ -95,7 +97,10 @@ class Hub:
         # Gives committed events their ids; the app pokes it after each writing commit
         # (Database.on_write_commit), and it wakes this process's reader at once.
         self.sequencer = Sequencer(
-            db.url, poll_interval=settings.sequence_poll_interval, on_sequenced=self._sequenced
+            db.url,
+            poll_interval=settings.sequence_poll_interval,
+            spacing=settings.sequence_spacing,
+            on_sequenced=self._sequenced,
         )
         if settings.routing not in ROUTING_STRATEGIES:
             raise ValueError(

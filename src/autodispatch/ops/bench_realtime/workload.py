@@ -247,7 +247,7 @@ class Writer:
         self._pacer: Pacer | None = None
         # Numbers the events these writes make as soon as each commits, as a server does
         # for its own writes (db/sequencer.py); the server's timer is for other writers.
-        self.sequencer = Sequencer(url)
+        self.sequencer = Sequencer(url, spacing=Settings.realtime_sequence_spacing)
         self._sequencing: asyncio.Task[None] | None = None
         self._stop_sequencing = asyncio.Event()
         self._pools: dict[tuple[tuple[str, ...], uuid.UUID | None], list[Member]] = {}
