@@ -11,7 +11,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import psycopg
 import typer
@@ -23,6 +23,9 @@ from autodispatch.db import migrate as migrations
 from autodispatch.db.urls import with_database
 from autodispatch.realtime.websocket import Gateway
 from autodispatch.realtime.wsserver import protocol_for
+
+if TYPE_CHECKING:
+    from autodispatch.ops.bench_writes import Run
 
 app = typer.Typer(
     help="Realtime dispatch of customer session requests to mechanics.",
@@ -438,7 +441,10 @@ def bench_writes(
     workloads: Annotated[
         str, typer.Option(help="Workloads: chat, lifecycle, mix (comma-separated)")
     ] = "chat,lifecycle,mix",
-    seconds: Annotated[float, typer.Option(help="Measured seconds per run", min=0.5)] = 4.0,
+    seconds: Annotated[float, typer.Option(help="Measured seconds per round", min=0.5)] = 2.0,
+    rounds: Annotated[
+        int, typer.Option(help="Rounds: the modes take turns this many times", min=1)
+    ] = 3,
     database_url: Annotated[
         str | None,
         typer.Option(help="An empty database to use instead of a fresh embedded one"),
@@ -465,11 +471,13 @@ def bench_writes(
         writer_counts=counts,
         workloads=chosen,
         seconds=seconds,
+        rounds=rounds,
         progress=lambda text: err.print(text),
     )
     table = Table(title=f"bench writes — PostgreSQL {version} — {machine()}")
     for column in ("workload", "writers", "commits/s: log on", "at commit (before)", "log off",
-                   "on / off", "p50 / p99 ms: on", "at commit", "off"):  # fmt: skip
+                   "on / off", "rounds: on / off", "p50 / p99 ms: on", "at commit",
+                   "off"):  # fmt: skip
         table.add_column(column)
     by_key = {(r.workload, r.writers, r.mode): r for r in runs}
     for workload in chosen:
@@ -482,6 +490,7 @@ def bench_writes(
                 f"{old.rate:,.0f}",
                 f"{off.rate:,.0f}",
                 f"{on.rate / off.rate:.2f}" if off.rate else "-",
+                _round_ratios(on, off),
                 on.latency_text(),
                 old.latency_text(),
                 off.latency_text(),
@@ -498,6 +507,12 @@ def bench_writes(
             f" {run.percentile(run.received_ms, 0.99):.1f} ms (p99) after its write"
             f" ({len(run.received_ms):,} events)."
         )
+
+
+def _round_ratios(on: Run, off: Run) -> str:
+    """The lowest and highest on/off ratio of one round: how much the machine drifted."""
+    ratios = [a / b for a, b in zip(on.round_rates, off.round_rates, strict=True) if b]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
 
 
 @bench_app.command("realtime")

@@ -22,6 +22,7 @@ async def test_each_mode_commits_and_the_log_is_whole_again_after(db_url: str) -
     assert [r.mode for r in runs] == list(MODES)
     for run in runs:
         assert run.commits > 0 and run.rate > 0, run
+        assert len(run.round_rates) == 2 and min(run.round_rates) > 0, run  # each round ran
     for run in runs:
         if run.mode != "off":
             assert len(run.received_ms) >= run.commits, run
@@ -48,6 +49,7 @@ async def _run(db_url: str, customers: list[Member], mechanics: list[Member]) ->
         writer_counts=(2,),
         workloads=("chat",),
         seconds=0.5,
+        rounds=2,
         warmup=0.2,
         progress=lambda _: None,
     )

@@ -44,6 +44,7 @@ from autodispatch.ops.bench_realtime.workload import LIFECYCLE, Member
 WORKLOADS = ("chat", "lifecycle", "mix")
 SPACING = Settings.realtime_sequence_spacing  # a server's default
 WRITER_COUNTS = (1, 8, 32, 64)
+ROUNDS = 3  # turns of every mode per (workload, writers)
 CAPTURED = ("sessions", "session_assignments", "feature_flags", "session_messages", "probe_pings")
 
 _MESSAGE = """
@@ -64,6 +65,7 @@ class Run:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list, repr=False)
     received_ms: list[float] = field(default_factory=list, repr=False)
+    round_rates: list[float] = field(default_factory=list)  # commits/s of each round
 
     @property
     def rate(self) -> float:
@@ -299,8 +301,21 @@ def _writer_process(
         target=lambda: loop.run_until_complete(sequencer.run(done)), daemon=True
     )
 
+    # A server pokes its sequencer on the loop it runs in (a flag set, no system call);
+    # here the writers are threads, and waking the sequencer's loop after every commit
+    # (a write to its wake-up pipe, and its thread taking the interpreter lock) cost the
+    # writers more than the numbering itself. So a commit wakes it only when no wake-up is
+    # on its way: that one, run after this commit, starts a run that sees it.
+    pending = threading.Event()
+
+    def wake() -> None:
+        pending.clear()
+        sequencer.poke()
+
     def poke() -> None:
-        loop.call_soon_threadsafe(sequencer.poke)
+        if not pending.is_set():
+            pending.set()
+            loop.call_soon_threadsafe(wake)
 
     if spec.number:
         numbering.start()
@@ -367,48 +382,37 @@ def run_writes(
     *,
     writer_counts: Sequence[int] = WRITER_COUNTS,
     workloads: Sequence[str] = WORKLOADS,
-    seconds: float = 4.0,
+    seconds: float = 2.0,
+    rounds: int = ROUNDS,
     warmup: float = 1.0,
     modes: Sequence[str] = MODES,
     processes: int = 2,
     progress: Callable[[str], None] = print,
 ) -> list[Run]:
-    """Every (workload, writers) in each mode; the figures of each run. The writers of a
-    run are spread over ``processes`` processes (a Python process's writer threads share
-    one interpreter lock, which would make the client the bottleneck); with the log on,
-    each process numbers its own writes, as each server process does."""
+    """Every (workload, writers) in each mode; the figures of each, pooled over ``rounds``
+    rounds of ``seconds``. The modes of one (workload, writers) take turns, round by round,
+    each round in another order: a machine whose speed drifts over minutes (a shared one
+    does) then slows every mode alike, not the one that happened to run last. The writers
+    of a run are spread over ``processes`` processes (a Python process's writer threads
+    share one interpreter lock, which would make the client the bottleneck); with the log
+    on, each process numbers its own writes, as each server process does."""
     sessions = live_sessions(url, customers, mechanics, max(writer_counts))
     runs: list[Run] = []
     try:
-        for mode in modes:
-            set_log(url, mode != "off")
-            set_numbering_at_commit(url, mode == "at commit")
-            for workload in workloads:
-                for count in writer_counts:
-                    run = Run(workload, count, mode)
-                    share = min(processes, count)
-                    specs = [
-                        WriterSpec(
-                            url,
-                            workload,
-                            list(range(p, count, share)),
-                            sessions,
-                            customers,
-                            mechanics,
-                            number=mode == "on",
-                        )
-                        for p in range(share)
-                    ]
-                    subscriber = Subscriber(url) if mode != "off" else None
-                    with subscriber or contextlib.nullcontext():
-                        run.seconds, latencies = run_processes(specs, warmup, seconds)
-                    run.latencies = [x * 1000 for x in latencies]
-                    run.commits = len(run.latencies)
-                    if subscriber is not None:
-                        run.received_ms = subscriber.received_ms
+        for workload in workloads:
+            for count in writer_counts:
+                pooled = {mode: Run(workload, count, mode) for mode in modes}
+                order = list(modes)
+                for turn in range(rounds):
+                    for mode in order[turn % len(order) :] + order[: turn % len(order)]:
+                        _one_run(url, pooled[mode], sessions, customers, mechanics,
+                                 seconds=seconds, warmup=warmup, processes=processes)  # fmt: skip
+                for mode in modes:
+                    run = pooled[mode]
                     runs.append(run)
                     progress(
                         f"{workload:9} {count:>2} writers, log {mode:9}: {run.rate:8.0f} commits/s"
+                        f" (rounds: {', '.join(f'{r:.0f}' for r in run.round_rates)})"
                     )
     finally:
         set_log(url, True)
@@ -416,12 +420,51 @@ def run_writes(
     return runs
 
 
+def _one_run(
+    url: str,
+    run: Run,
+    sessions: list[dict[str, Any]],
+    customers: list[Member],
+    mechanics: list[Member],
+    *,
+    seconds: float,
+    warmup: float,
+    processes: int,
+) -> None:
+    """One round of ``run``'s mode: its commits, latencies and received times added."""
+    set_log(url, run.mode != "off")
+    set_numbering_at_commit(url, run.mode == "at commit")
+    share = min(processes, run.writers)
+    specs = [
+        WriterSpec(
+            url,
+            run.workload,
+            list(range(p, run.writers, share)),
+            sessions,
+            customers,
+            mechanics,
+            number=run.mode == "on",
+        )
+        for p in range(share)
+    ]
+    subscriber = Subscriber(url) if run.mode != "off" else None
+    with subscriber or contextlib.nullcontext():
+        measured, latencies = run_processes(specs, warmup, seconds)
+    run.seconds += measured
+    run.commits += len(latencies)
+    run.latencies += [x * 1000 for x in latencies]
+    run.round_rates.append(len(latencies) / measured)
+    if subscriber is not None:
+        run.received_ms += subscriber.received_ms
+
+
 def writes(
     database_url: str | None,
     *,
     writer_counts: Sequence[int] = WRITER_COUNTS,
     workloads: Sequence[str] = WORKLOADS,
-    seconds: float = 4.0,
+    seconds: float = 2.0,
+    rounds: int = ROUNDS,
     modes: Sequence[str] = MODES,
     progress: Callable[[str], None] = print,
 ) -> tuple[list[Run], str]:
@@ -455,7 +498,7 @@ def writes(
             runs = run_writes(
                 url, customers, mechanics,
                 writer_counts=writer_counts, workloads=workloads, seconds=seconds,
-                modes=modes, progress=progress,
+                rounds=rounds, modes=modes, progress=progress,
             )  # fmt: skip
         finally:
             if server is not None:
