@@ -555,6 +555,10 @@ def _write_settings(layout: _Layout, socket_dir: Path, fast: bool, user: _RunAs 
         f"unix_socket_directories = {_conf_string(socket_list)}",
         f"port = {_PORT}",
         "max_connections = 200",
+        # Logical decoding (db/pgoutput.py; the way the event log is to be captured,
+        # docs/decisions.md) needs this WAL level and a slot per database that decodes.
+        "wal_level = logical",
+        "max_replication_slots = 64",
     ]
     if fast:  # test servers only: a crash of the machine may lose or corrupt data
         lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]

@@ -1,0 +1,299 @@
+"""Reading committed changes from a logical replication slot (``pgoutput``, protocol 1).
+
+The way we chose to take the event log off the writers' commit path is to decode the
+captured tables' changes from the WAL instead of capturing them with triggers
+(docs/decisions.md, "Where the rest of the gap is"). This module is its first part: it
+reads a slot through SQL (``pg_logical_slot_peek_binary_changes``) and turns PostgreSQL's
+own output plugin's messages into whole transactions, in commit order, each with its
+commit LSN and time and its row changes (values in their text form, as the type's
+output function writes them) and its transactional messages
+(``pg_logical_emit_message``).
+
+Why by hand: the message format is small and fixed (PostgreSQL's documentation, "Logical
+Replication Message Formats"), psycopg 3 has no replication protocol support, and the
+SQL interface returns the messages as ``bytea`` rows; what a library would add is the
+streaming protocol we do not use.
+
+Peeking does not consume: the caller applies a batch, records the last applied commit's
+LSN in the same transaction as what it wrote, and only then advances the slot
+(``advance``). After a crash it peeks again and skips what its record says it applied.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+PLUGIN = "pgoutput"
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # PostgreSQL's timestamps count from here
+
+
+class DecodingError(Exception):
+    """The server cannot decode (wrong wal_level, no slot) or sent what we cannot read."""
+
+
+class _Unchanged:
+    """A TOASTed value the update left as it was: the WAL does not carry it."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = _Unchanged()
+Value = str | None | _Unchanged
+
+
+@dataclass(frozen=True)
+class Relation:
+    oid: int
+    schema: str
+    name: str
+    replica_identity: str  # 'd' default, 'n' nothing, 'f' full, 'i' index
+    columns: tuple[tuple[str, int], ...]  # (name, type oid), in table order
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row change: ``old`` is the whole old row under REPLICA IDENTITY FULL, only its
+    key columns otherwise (or None when the key did not change in an update)."""
+
+    kind: str  # INSERT, UPDATE, DELETE
+    relation: Relation
+    new: dict[str, Value] | None
+    old: dict[str, Value] | None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A transactional ``pg_logical_emit_message``, in its place among the changes."""
+
+    prefix: str
+    content: bytes
+
+
+@dataclass
+class Transaction:
+    xid: int
+    final_lsn: int  # the commit record's LSN
+    commit_time: datetime
+    items: list[Change | Message] = field(default_factory=list)
+    end_lsn: int = 0  # just past the commit record: where the slot may advance to
+
+
+def lsn_from_text(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def lsn_to_text(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.at + size > len(self.data):
+            raise DecodingError(f"a pgoutput message ended early ({len(self.data)} bytes)")
+        (value,) = struct.unpack_from(fmt, self.data, self.at)
+        self.at += size
+        return value
+
+    def string(self) -> str:
+        end = self.data.find(b"\0", self.at)
+        if end < 0:
+            raise DecodingError("a pgoutput string has no terminator")
+        text = self.data[self.at : end].decode()
+        self.at = end + 1
+        return text
+
+    def raw(self, size: int) -> bytes:
+        if size < 0 or self.at + size > len(self.data):
+            raise DecodingError(f"a pgoutput value of {size} bytes runs past its message")
+        chunk = self.data[self.at : self.at + size]
+        self.at += size
+        return chunk
+
+
+class Decoder:
+    """Turns pgoutput messages, fed in slot order, into whole committed transactions.
+
+    It remembers each relation's columns (a Relation message comes before the first
+    change of a table in each decoding session, and again when the table changes)."""
+
+    def __init__(self) -> None:
+        self.relations: dict[int, Relation] = {}
+        self._open: Transaction | None = None
+
+    def feed(self, data: bytes) -> Transaction | None:
+        """One message; the transaction it completes, if it is a Commit."""
+        r = _Reader(data)
+        kind = chr(r.take("!B"))
+        if kind == "B":
+            final_lsn, micros, xid = r.take("!Q"), r.take("!q"), r.take("!I")
+            self._open = Transaction(xid, final_lsn, _EPOCH + timedelta(microseconds=micros))
+            return None
+        if kind == "C":
+            r.take("!B")  # flags: none defined
+            commit_lsn, end_lsn = r.take("!Q"), r.take("!Q")
+            done = self._in_transaction("Commit")
+            if commit_lsn != done.final_lsn:
+                raise DecodingError(
+                    f"a Commit at {lsn_to_text(commit_lsn)} closes the transaction begun"
+                    f" for {lsn_to_text(done.final_lsn)}"
+                )
+            done.end_lsn = end_lsn
+            self._open = None
+            return done
+        if kind == "R":
+            oid, schema, name = r.take("!I"), r.string(), r.string()
+            identity = chr(r.take("!B"))
+            columns = []
+            for _ in range(r.take("!H")):
+                r.take("!B")  # flags: part of the key
+                column, type_oid = r.string(), r.take("!I")
+                r.take("!i")  # type modifier
+                columns.append((column, type_oid))
+            self.relations[oid] = Relation(oid, schema, name, identity, tuple(columns))
+            return None
+        if kind in "IUD":
+            relation = self._relation(r.take("!I"))
+            change = self._change(kind, relation, r)
+            self._in_transaction("a row change").items.append(change)
+            return None
+        if kind == "M":
+            flags = r.take("!B")
+            r.take("!Q")  # the message's LSN
+            prefix = r.string()
+            content = r.raw(r.take("!I"))
+            if flags & 1:  # transactional: in its transaction, in order
+                self._in_transaction("a message").items.append(Message(prefix, content))
+            return None
+        if kind in "YO":  # a type's name, a replication origin: nothing we use
+            return None
+        if kind == "T":
+            raise DecodingError(
+                "a published table was truncated: the log cannot say which rows went;"
+                " every reader must re-sync"
+            )
+        raise DecodingError(f"unknown pgoutput message {kind!r}")
+
+    def _in_transaction(self, what: str) -> Transaction:
+        if self._open is None:
+            raise DecodingError(f"{what} came outside a transaction")
+        return self._open
+
+    def _relation(self, oid: int) -> Relation:
+        try:
+            return self.relations[oid]
+        except KeyError:
+            raise DecodingError(f"a change of relation {oid} came before its columns") from None
+
+    def _change(self, kind: str, relation: Relation, r: _Reader) -> Change:
+        marker = chr(r.take("!B"))
+        if kind == "I":
+            self._expect(marker, "N")
+            return Change("INSERT", relation, self._tuple(relation, r), None)
+        if kind == "D":
+            self._expect(marker, "KO")
+            return Change("DELETE", relation, None, self._tuple(relation, r))
+        old = None
+        if marker in "KO":
+            old = self._tuple(relation, r)
+            marker = chr(r.take("!B"))
+        self._expect(marker, "N")
+        return Change("UPDATE", relation, self._tuple(relation, r), old)
+
+    @staticmethod
+    def _expect(marker: str, allowed: str) -> None:
+        if marker not in allowed:
+            raise DecodingError(f"a row change has tuple marker {marker!r}, not one of {allowed!r}")
+
+    @staticmethod
+    def _tuple(relation: Relation, r: _Reader) -> dict[str, Value]:
+        count = r.take("!H")
+        if count != len(relation.columns):
+            raise DecodingError(
+                f"a row of {relation.schema}.{relation.name} has {count} columns;"
+                f" its Relation message said {len(relation.columns)}"
+            )
+        row: dict[str, Value] = {}
+        for name, _ in relation.columns:
+            kind = chr(r.take("!B"))
+            if kind == "n":
+                row[name] = None
+            elif kind == "u":
+                row[name] = UNCHANGED
+            elif kind == "t":
+                row[name] = r.raw(r.take("!I")).decode()
+            else:
+                raise DecodingError(f"column {name} came in format {kind!r} (we ask for text)")
+        return row
+
+
+def require_logical(conn: psycopg.Connection[Any]) -> None:
+    """Fail with what to do when the server cannot decode."""
+    row = conn.execute("show wal_level").fetchone()
+    if row is None or row[0] != "logical":
+        level = row[0] if row else "unknown"
+        raise DecodingError(
+            f"wal_level is {level}; decoding needs wal_level = logical"
+            " (ALTER SYSTEM SET wal_level = logical, then restart the server)"
+        )
+
+
+class Slot:
+    """A pgoutput slot of one database, read through SQL."""
+
+    def __init__(self, name: str, publication: str) -> None:
+        self.name = name
+        self.publication = publication
+        self.decoder = Decoder()
+
+    def create(self, conn: psycopg.Connection[Any]) -> None:
+        """Create the slot unless it exists (it keeps WAL from now on until advanced)."""
+        require_logical(conn)
+        exists = conn.execute(
+            "select 1 from pg_replication_slots where slot_name = %s", (self.name,)
+        ).fetchone()
+        if exists is None:
+            conn.execute("select pg_create_logical_replication_slot(%s, %s)", (self.name, PLUGIN))
+
+    def drop(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(
+            "select pg_drop_replication_slot(slot_name) from pg_replication_slots"
+            " where slot_name = %s",
+            (self.name,),
+        )
+
+    def peek(self, conn: psycopg.Connection[Any], limit: int) -> list[Transaction]:
+        """The next committed transactions (whole ones: the server stops at a transaction's
+        end once ``limit`` changes are out), without consuming them.
+
+        Each peek decodes from the slot's confirmed position, so the decoder starts fresh
+        (the server sends every relation's columns again)."""
+        self.decoder = Decoder()
+        rows = conn.execute(
+            "select data from pg_logical_slot_peek_binary_changes(%s, null, %s,"
+            " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+            (self.name, limit, self.publication),
+        ).fetchall()
+        done = []
+        for (data,) in rows:
+            finished = self.decoder.feed(bytes(data))
+            if finished is not None:
+                done.append(finished)
+        return done
+
+    def advance(self, conn: psycopg.Connection[Any], lsn: int) -> None:
+        """Everything up to ``lsn`` is applied: the server may drop that WAL."""
+        conn.execute(
+            "select pg_replication_slot_advance(%s, %s::pg_lsn)", (self.name, lsn_to_text(lsn))
+        )
