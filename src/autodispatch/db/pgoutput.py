@@ -17,6 +17,11 @@ streaming protocol we do not use.
 Peeking does not consume: the caller applies a batch, records the last applied commit's
 LSN in the same transaction as what it wrote, and only then advances the slot
 (``advance``). After a crash it peeks again and skips what its record says it applied.
+
+Each SQL call decodes again from the slot's ``restart_lsn``, which moves only at a
+running-transactions record (every 15 s under load): measured, a call grew from 5 ms to
+over 90 ms as that distance grew to 20 MB. So ``Slot`` is for tests and occasional reads;
+a reader that keeps up with writers streams the same messages (``Decoder`` parses both).
 """
 
 from __future__ import annotations
