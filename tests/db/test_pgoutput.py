@@ -3,6 +3,7 @@ commit order, with their old rows, messages in place, nothing consumed until adv
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,9 @@ from autodispatch.db.pgoutput import (
     DecodingError,
     Message,
     Slot,
+    SlotStream,
     Transaction,
+    lsn_from_text,
 )
 
 TABLE = """
@@ -168,3 +171,63 @@ def test_the_decoder_refuses_what_it_cannot_read(messages: list[bytes], error: s
     with pytest.raises(DecodingError, match=error):
         for data in messages:
             decoder.feed(data)
+
+
+async def _stream_until(stream: SlotStream, count: int) -> list[Transaction]:
+    got: list[Transaction] = []
+    deadline = asyncio.get_running_loop().time() + 20
+    while len(got) < count and asyncio.get_running_loop().time() < deadline:
+        got += await stream.read(wait=0.5)
+    return got
+
+
+def _write(db_url: str, *ids: int) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for i in ids:
+            conn.execute("insert into public.decoding_probe (id) values (%s)", (i,))
+        with conn.transaction():  # flushed, so the server may send it (see _peek)
+            conn.execute("set local synchronous_commit = on")
+            conn.execute("select pg_current_xact_id()")
+
+
+def _ids(txs: list[Transaction]) -> list[str]:
+    return [str(c.new["id"]) for tx in txs for c in tx.items if isinstance(c, Change) and c.new]
+
+
+async def test_a_stream_brings_the_transactions_live_and_resumes_after_what_was_confirmed(
+    db_url: str, slot: Slot
+) -> None:
+    """Streamed, the same transactions as peeked, then one written while streaming; after
+    a confirm and a new stream, only what was not confirmed comes again."""
+    await asyncio.to_thread(_write, db_url, 1, 2, 3)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        peeked = [tx.final_lsn for tx in slot.peek(conn, 100)]
+    stream = SlotStream(db_url, slot.name, slot.publication)
+    await stream.start()
+    try:
+        first = await _stream_until(stream, 3)
+        assert [tx.final_lsn for tx in first] == peeked and _ids(first) == ["1", "2", "3"]
+        await asyncio.to_thread(_write, db_url, 4)
+        live = await _stream_until(stream, 1)
+        assert _ids(live) == ["4"]
+        stream.confirm(first[0].end_lsn)
+    finally:
+        await stream.close()
+    confirmed = 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for _ in range(100):  # the server ends its side of the stream on its own time
+            active, lsn = conn.execute(
+                "select active, confirmed_flush_lsn from pg_replication_slots where slot_name = %s",
+                (slot.name,),
+            ).fetchone() or (True, "0/0")
+            confirmed = lsn_from_text(str(lsn))
+            if not active and confirmed >= first[0].end_lsn:
+                break
+            await asyncio.sleep(0.05)
+    assert confirmed >= first[0].end_lsn
+    again = SlotStream(db_url, slot.name, slot.publication)
+    await again.start()
+    try:
+        assert _ids(await _stream_until(again, 3)) == ["2", "3", "4"]
+    finally:
+        await again.close()

@@ -26,12 +26,15 @@ a reader that keeps up with writers streams the same messages (``Decoder`` parse
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import psycopg.sql
 
 PLUGIN = "pgoutput"
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # PostgreSQL's timestamps count from here
@@ -302,3 +305,98 @@ class Slot:
         conn.execute(
             "select pg_replication_slot_advance(%s, %s::pg_lsn)", (self.name, lsn_to_text(lsn))
         )
+
+
+class SlotStream:
+    """A slot's messages streamed by the server as they are decoded (``START_REPLICATION``
+    on a replication connection): no decoding again from ``restart_lsn`` per read.
+
+    ``read`` returns the transactions that have come whole; ``confirm`` tells the server
+    that everything up to an LSN is applied (it may drop that WAL; a new stream starts
+    after it). Until confirmed, a transaction comes again on the next stream: the caller
+    applies each once by the commit LSN it recorded (``Transaction.final_lsn``).
+    The connection's role needs the REPLICATION attribute (or to be a superuser)."""
+
+    def __init__(self, url: str, slot: str, publication: str) -> None:
+        self.url = url
+        self.slot = slot
+        self.publication = publication
+        self.decoder = Decoder()
+        self.confirmed = 0
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def start(self) -> None:
+        """Connect and start streaming after the slot's confirmed position."""
+        self.decoder = Decoder()  # the server sends each relation's columns again
+        self._conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, replication="database"
+        )
+        slot = psycopg.sql.Identifier(self.slot).as_string(self._conn)
+        publication = psycopg.sql.quote(self.publication, self._conn)
+        await self._conn.execute(
+            f"START_REPLICATION SLOT {slot} LOGICAL 0/0"  # 0/0: from the slot's position
+            f" (proto_version '1', publication_names {publication}, messages 'true')"
+        )
+
+    async def read(self, wait: float) -> list[Transaction]:
+        """Every transaction that has come whole; waits up to ``wait`` seconds for the
+        first message when none is there."""
+        pg = self._pgconn()
+        done: list[Transaction] = []
+        waited = False
+        while True:
+            size, data = pg.get_copy_data(1)
+            if size == 0:  # nothing buffered: what came is all there is, or wait once
+                if done or waited:
+                    return done
+                await self._readable(pg.socket, wait)
+                pg.consume_input()
+                waited = True
+                continue
+            if size < 0:
+                raise DecodingError(f"the replication stream of slot {self.slot} ended")
+            message = bytes(data)
+            if message[:1] == b"w":  # XLogData: start LSN, end LSN, send time, then ours
+                finished = self.decoder.feed(message[25:])
+                if finished is not None:
+                    done.append(finished)
+            elif message[:1] == b"k" and message[17:18] == b"\x01":  # keepalive, reply now
+                self._feedback(pg)
+
+    def confirm(self, lsn: int) -> None:
+        """Everything up to ``lsn`` is applied."""
+        self.confirmed = max(self.confirmed, lsn)
+        self._feedback(self._pgconn())
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    def _pgconn(self) -> Any:
+        if self._conn is None:
+            raise DecodingError(f"the stream of slot {self.slot} is not started")
+        return self._conn.pgconn
+
+    def _feedback(self, pg: Any) -> None:
+        """A standby status update: written, flushed and applied up to ``confirmed``."""
+        now = int((datetime.now(UTC) - _EPOCH).total_seconds() * 1_000_000)
+        lsn = self.confirmed
+        pg.put_copy_data(b"r" + struct.pack("!QQQqB", lsn, lsn, lsn, now, 0))
+        pg.flush()
+
+    @staticmethod
+    async def _readable(fd: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ready, timeout)
+        finally:
+            loop.remove_reader(fd)
