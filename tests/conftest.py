@@ -34,6 +34,17 @@ def database_url(server_url: str, name: str) -> str:
     return with_database(server_url, name)
 
 
+def flush_wal(conn: psycopg.Connection[Any]) -> None:
+    """Flush the WAL written so far: logical decoding reads only flushed WAL, and the
+    embedded test server commits asynchronously. A transaction flushes at commit only if
+    it wrote WAL of its own and has a transaction id: this one writes a message that
+    decoding passes over (not transactional) and takes an id."""
+    with conn.transaction():
+        conn.execute("set local synchronous_commit = on")
+        conn.execute("select pg_current_xact_id()")
+        conn.execute("select pg_logical_emit_message(false, 'autodispatch.flush', '')")
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """The URL of a PostgreSQL server we may create databases on."""

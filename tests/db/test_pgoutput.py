@@ -22,6 +22,7 @@ from autodispatch.db.pgoutput import (
     Transaction,
     lsn_from_text,
 )
+from conftest import flush_wal
 
 TABLE = """
 create table public.decoding_probe (
@@ -48,12 +49,8 @@ def slot(db_url: str) -> Iterator[Slot]:
 
 
 def _peek(conn: psycopg.Connection[Any], slot: Slot, limit: int = 100) -> list[Transaction]:
-    """Peek once the WAL written so far is flushed: decoding reads only flushed WAL, and
-    the test server commits asynchronously (one commit with synchronous_commit on
-    flushes everything before it)."""
-    with conn.transaction():
-        conn.execute("set local synchronous_commit = on")
-        conn.execute("select pg_current_xact_id()")
+    """Peek once the WAL written so far is flushed (see flush_wal)."""
+    flush_wal(conn)
     return slot.peek(conn, limit)
 
 
@@ -185,9 +182,7 @@ def _write(db_url: str, *ids: int) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         for i in ids:
             conn.execute("insert into public.decoding_probe (id) values (%s)", (i,))
-        with conn.transaction():  # flushed, so the server may send it (see _peek)
-            conn.execute("set local synchronous_commit = on")
-            conn.execute("select pg_current_xact_id()")
+        flush_wal(conn)  # so the server may send it
 
 
 def _ids(txs: list[Transaction]) -> list[str]:
