@@ -21,7 +21,15 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from autodispatch.db.pgoutput import UNCHANGED, Change, DecodingError, Relation, Transaction, Value
+from autodispatch.db.pgoutput import (
+    UNCHANGED,
+    Change,
+    DecodingError,
+    Relation,
+    Transaction,
+    Value,
+    lsn_to_text,
+)
 
 CAPTURED = frozenset(
     {"sessions", "session_assignments", "feature_flags", "session_messages", "probe_pings"}
@@ -33,7 +41,7 @@ def changes_payload(transactions: Iterable[Transaction]) -> list[dict[str, Any]]
     """The input of ``realtime.decoded_events`` for these transactions, in order."""
     payload: list[dict[str, Any]] = []
     for tx in transactions:
-        at = tx.commit_time.isoformat()
+        at, lsn = tx.commit_time.isoformat(), lsn_to_text(tx.final_lsn)
         for item in tx.items:
             if not isinstance(item, Change):
                 continue
@@ -47,7 +55,9 @@ def changes_payload(transactions: Iterable[Transaction]) -> list[dict[str, Any]]
                     " the captured tables need REPLICA IDENTITY FULL"
                 )
             new = _row(relation, item.new, item.old) if item.new is not None else None
-            payload.append({"t": relation.name, "o": item.kind, "n": new, "p": old, "at": at})
+            payload.append(
+                {"t": relation.name, "o": item.kind, "n": new, "p": old, "at": at, "l": lsn}
+            )
     return payload
 
 

@@ -6,12 +6,15 @@
 -- that lives in the database: given changes as a decoder reads them (db/pgoutput.py,
 -- db/capture.py), the events capture would have written for them, with the same record,
 -- old record and keys (the same key functions, applied to the same row values), and the
--- same rule that an update nothing visible changed writes no event. Nothing calls it in
--- the product yet: tests/db/test_decoded_events.py holds it to the triggers' output.
+-- same rule that an update nothing visible changed writes no event; and
+-- realtime.apply_decoded, which writes them with their ids, each decoded transaction once.
+-- Nothing calls them in the product yet (the capture triggers still write the log):
+-- tests/db/test_decoded_events.py holds them to the triggers' output and db/decoder.py's
+-- tests to exactly once.
 --
 -- p_changes: a JSON array, in commit order, of
 --   {"t": table, "o": "INSERT" | "UPDATE" | "DELETE", "n": new row, "p": old row,
---    "at": commit time}
+--    "at": commit time, "l": the transaction's commit LSN}
 -- where a row is an object of column -> the value's text (JSON itself for json/jsonb
 -- columns, null for SQL null), as jsonb_populate_record reads it. "ord" is each change's
 -- place in the array (1-based); changes that make no event are left out.
@@ -85,4 +88,46 @@ language sql stable security definer set search_path = '' as $$
   order by r.ord
 $$;
 
+-- The last decoded transaction whose events are in the log (its commit LSN): a stream
+-- that starts again sends what was not confirmed yet, and it must not be applied twice.
+alter table realtime.stream add column decoded_lsn pg_lsn;
+
+-- Apply decoded changes: the events of the transactions after decoded_lsn get the next
+-- ids, in order, in the transaction that records the new decoded_lsn (so a crash between
+-- this commit and the slot's confirmation applies nothing twice); then one NOTIFY wakes
+-- the readers. The stream's row lock makes appliers take turns (one process decodes).
+create function realtime.apply_decoded(p_changes jsonb)
+returns table (assigned int, last_id bigint, decoded_lsn pg_lsn)
+language plpgsql security definer set search_path = '' as $$
+declare
+  v_last bigint;
+  v_done pg_lsn;
+  v_fresh jsonb;
+  v_through pg_lsn;
+  v_count int;
+begin
+  select s.last_id, s.decoded_lsn into v_last, v_done from realtime.stream s where s.id = 1 for update;
+  select coalesce(jsonb_agg(x.c order by x.ord), '[]'), max((x.c ->> 'l')::pg_lsn)
+    into v_fresh, v_through
+  from jsonb_array_elements(p_changes) with ordinality as x(c, ord)
+  where v_done is null or (x.c ->> 'l')::pg_lsn > v_done;
+  insert into realtime.events (id, at, schema_name, table_name, type, row_id, record,
+                               old_record, new_keys, old_keys)
+  select v_last + row_number() over (order by d.ord), d.at, d.schema_name, d.table_name,
+         d.type, d.row_id, d.record, d.old_record, d.new_keys, d.old_keys
+  from realtime.decoded_events(v_fresh) d;
+  get diagnostics v_count = row_count;
+  if v_through is not null then
+    update realtime.stream s
+    set last_id = v_last + v_count, decoded_lsn = v_through
+    where s.id = 1;
+  end if;
+  if v_count > 0 then
+    perform pg_notify('autodispatch_events', (v_last + v_count)::text);
+  end if;
+  return query select v_count, v_last + v_count, coalesce(v_through, v_done);
+end
+$$;
+
 revoke execute on function realtime.decoded_events(jsonb) from public;
+revoke execute on function realtime.apply_decoded(jsonb) from public;

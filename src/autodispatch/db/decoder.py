@@ -1,0 +1,88 @@
+"""The event log's decoder: the captured tables' committed changes, streamed from a
+logical replication slot, written into the log with their ids (migration 0010).
+
+This is the way chosen to take capture out of the writers' transactions (the capture
+triggers cost them a third of their commits/s, docs/decisions.md). Not wired into the
+server yet: the triggers still write the log, and the switch (a publication of the
+captured tables with their whole old rows, the triggers dropped, this in place of the
+sequencer) is the next step of the project issue on the event log.
+
+Each round reads the transactions that came whole (``SlotStream``), makes their events
+in the database (``realtime.apply_decoded``: the ids, and the last applied commit's LSN,
+in one transaction), and only then confirms them to the server. A crash between the two
+sends them again on the next stream, and ``apply_decoded`` passes over what its LSN says
+is in. Only one process can stream a slot at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from autodispatch.db.capture import changes_payload
+from autodispatch.db.pgoutput import Slot, SlotStream
+
+SLOT = "autodispatch_events"
+PUBLICATION = "autodispatch_events"
+
+
+class EventDecoder:
+    def __init__(
+        self,
+        url: str,
+        *,
+        slot: str = SLOT,
+        publication: str = PUBLICATION,
+        wait: float = 0.05,
+        on_applied: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.slot = slot
+        self.publication = publication
+        self.wait = wait  # how long a round waits for the first message
+        self.on_applied = on_applied
+        self.confirm_after_apply = True  # tests turn it off to crash in between
+        self._stream: SlotStream | None = None
+        self._conn: psycopg.AsyncConnection[tuple[int, int]] | None = None
+
+    def ensure_slot(self) -> None:
+        """Create the slot unless it exists: from then on the server keeps the WAL it needs."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            Slot(self.slot, self.publication).create(conn)
+
+    async def apply_available(self) -> int:
+        """One round: what came whole, applied and then confirmed; how many events."""
+        if self._stream is None:
+            self._stream = SlotStream(self.url, self.slot, self.publication)
+            await self._stream.start()
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, application_name="autodispatch-decoder"
+            )
+        transactions = await self._stream.read(self.wait)
+        if not transactions:
+            return 0
+        assigned = 0
+        payload = changes_payload(transactions)
+        if payload:
+            cur = await self._conn.execute(
+                "select assigned, last_id from realtime.apply_decoded(%s)", (Jsonb(payload),)
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            assigned, last_id = int(row[0]), int(row[1])
+            if assigned and self.on_applied is not None:
+                self.on_applied(assigned, last_id)
+        if self.confirm_after_apply:
+            self._stream.confirm(transactions[-1].end_lsn)
+        return assigned
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
