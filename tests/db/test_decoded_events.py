@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from autodispatch.db.capture import CAPTURED, changes_payload
-from autodispatch.db.pgoutput import Slot
+from autodispatch.db.pgoutput import DecodingError, Slot
 from autodispatch.ops.bench_realtime.workload import LIFECYCLE, create_population
 from autodispatch.ops.bench_writes import live_sessions
 from conftest import flush_wal
@@ -98,3 +98,19 @@ async def test_decoded_changes_make_the_events_the_triggers_made(
     assert tables == CAPTURED and ("session_messages", "DELETE") in kinds  # it covers them
     assert ("feature_flags", "UPDATE") in kinds and len(payload) > len(decoded)  # one left out
     assert decoded == captured
+
+
+async def test_a_delete_without_the_whole_old_row_is_refused(db_url: str, decoding: Slot) -> None:
+    """Under the default identity a delete brings only the key: an event made of it
+    would have no keys and reach nobody, so making one is refused with what to do."""
+    members = await create_population(db_url, 2, lambda _: None)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("alter table public.probe_pings replica identity default")
+        conn.execute(
+            "insert into public.probe_pings (user_id, nonce) values (%s, 'n')",
+            (members[0].user_id,),
+        )
+        conn.execute("delete from public.probe_pings")
+        flush_wal(conn)
+        with pytest.raises(DecodingError, match="REPLICA IDENTITY FULL"):
+            changes_payload(decoding.peek(conn, 100))

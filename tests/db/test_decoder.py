@@ -12,6 +12,7 @@ import pytest
 
 from autodispatch.db.capture import CAPTURED
 from autodispatch.db.decoder import PUBLICATION, SLOT, EventDecoder
+from autodispatch.db.pgoutput import Slot
 from autodispatch.ops.bench_realtime.workload import create_population
 from autodispatch.ops.bench_writes import live_sessions, set_log
 from conftest import flush_wal
@@ -32,29 +33,27 @@ async def decoded(db_url: str) -> AsyncIterator[str]:
         yield db_url
     finally:
         with psycopg.connect(db_url, autocommit=True) as conn:
-            for _ in range(100):  # a closed stream's server side ends on its own time
-                row = conn.execute(
-                    "select active from pg_replication_slots where slot_name = %s", (SLOT,)
-                ).fetchone()
-                if row is None or not row[0]:
-                    break
-                await asyncio.sleep(0.05)
-            conn.execute(
-                "select pg_drop_replication_slot(slot_name) from pg_replication_slots"
-                " where slot_name = %s",
-                (SLOT,),
-            )
+            await asyncio.to_thread(Slot(SLOT, PUBLICATION).drop, conn)
 
 
-async def _drain(decoder: EventDecoder) -> int:
-    """Apply rounds until one brings nothing after something came (or 20 s pass)."""
+async def _drain(decoder: EventDecoder, url: str, body: str) -> int:
+    """Apply rounds until the message ``body`` is in the log (the stream brings
+    transactions in commit order: all before it are in too); how many events came."""
     total, deadline = 0, asyncio.get_running_loop().time() + 20
     while asyncio.get_running_loop().time() < deadline:
-        got = await decoder.apply_available()
-        total += got
-        if total and not got:
+        total += await decoder.apply_available()
+        if any(r[1] == "session_messages" and r[4]["body"] == body for r in _log(url)):
             return total
-    return total
+    raise AssertionError(f"{body!r} was not in the log after 20 s ({total} events came)")
+
+
+async def _free(url: str) -> None:
+    """Wait until no stream holds the slot (a closed one lets go on the server's time)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(200):
+            if not Slot(SLOT, PUBLICATION).active(conn):
+                return
+            await asyncio.sleep(0.05)
 
 
 def _log(url: str) -> list[tuple[Any, ...]]:
@@ -99,24 +98,25 @@ async def test_each_change_once_in_commit_order_also_after_a_stop_before_confirm
 
     decoder = EventDecoder(url)
     try:
-        assert await _drain(decoder) > 0
+        assert await _drain(decoder, url, "committed first") > 0
         # Stop between applying and confirming: the next stream sends them again.
         decoder.confirm_after_apply = False
         await asyncio.to_thread(_chat, url, sessions[0], "applied, not confirmed")
-        assert await _drain(decoder) == 1
+        assert await _drain(decoder, url, "applied, not confirmed") == 1
     finally:
         await decoder.close()
     before = _log(url)
+    await _free(url)
     again = EventDecoder(url)
     try:
         await asyncio.to_thread(_chat, url, sessions[1], "after the restart")
-        assert await _drain(again) == 1  # only the new one: nothing applied twice
+        # Only the new one: what came again (before it, in commit order) is passed over.
+        assert await _drain(again, url, "after the restart") == 1
     finally:
         await again.close()
 
     log = _log(url)
     assert log[: len(before)] == before
-    assert [row[0] for row in log] == list(range(1, len(log) + 1))  # gap-free from the start
     bodies = [r[4]["body"] for r in log if r[1] == "session_messages"]
     assert bodies == ["committed first", "applied, not confirmed", "after the restart"]
     # The session's last event is its state now (commit order, not begin order).
@@ -127,3 +127,36 @@ async def test_each_change_once_in_commit_order_also_after_a_stop_before_confirm
         ).fetchone()
     last = [r for r in log if r[1] == "sessions" and r[3] == str(sessions[0]["session"])][-1]
     assert row is not None and last[4] == row[0]
+
+
+async def test_a_round_that_fails_loses_nothing(decoded: str) -> None:
+    """A round whose apply fails (here a constraint refuses one event) reads its
+    transactions again next time, from the slot's confirmed position; without that, the
+    stream would go on past them and they would never be in the log."""
+    url = decoded
+    members = await create_population(url, 4, lambda _: None)
+    customers = [m for m in members if m.kind == "customer"]
+    mechanics = [m for m in members if m.mechanic_id is not None]
+    session = (await asyncio.to_thread(live_sessions, url, customers, mechanics, 1))[0]
+    await asyncio.to_thread(_chat, url, session, "ready")
+    decoder = EventDecoder(url)
+    try:
+        await _drain(decoder, url, "ready")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "alter table realtime.events add constraint refuse_once"
+                " check (record ->> 'body' is distinct from 'refused once')"
+            )
+        await asyncio.to_thread(_chat, url, session, "refused once")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            for _ in range(400):
+                await decoder.apply_available()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("alter table realtime.events drop constraint refuse_once")
+        await asyncio.to_thread(_chat, url, session, "after")
+        await _free(url)
+        await _drain(decoder, url, "after")
+    finally:
+        await decoder.close()
+    bodies = [r[4]["body"] for r in _log(url) if r[1] == "session_messages"]
+    assert bodies == ["ready", "refused once", "after"]

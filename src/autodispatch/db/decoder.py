@@ -16,6 +16,7 @@ is in. Only one process can stream a slot at a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import psycopg
@@ -54,9 +55,19 @@ class EventDecoder:
 
     async def apply_available(self) -> int:
         """One round: what came whole, applied and then confirmed; how many events."""
+        try:
+            return await self._round()
+        except BaseException:
+            # What this round read may be lost with it: start again from the slot's
+            # confirmed position (what came again and is applied already is passed over).
+            await self.close()
+            raise
+
+    async def _round(self) -> int:
         if self._stream is None:
-            self._stream = SlotStream(self.url, self.slot, self.publication)
-            await self._stream.start()
+            stream = SlotStream(self.url, self.slot, self.publication)
+            await stream.start()
+            self._stream = stream
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(
                 self.url, autocommit=True, application_name="autodispatch-decoder"
@@ -80,9 +91,10 @@ class EventDecoder:
         return assigned
 
     async def close(self) -> None:
-        if self._stream is not None:
-            await self._stream.close()
-            self._stream = None
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        stream, conn = self._stream, self._conn
+        self._stream = self._conn = None
+        with contextlib.suppress(psycopg.Error, OSError):
+            if stream is not None:
+                await stream.close()
+            if conn is not None:
+                await conn.close()

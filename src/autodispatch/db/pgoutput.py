@@ -10,9 +10,9 @@ output function writes them) and its transactional messages
 (``pg_logical_emit_message``).
 
 Why by hand: the message format is small and fixed (PostgreSQL's documentation, "Logical
-Replication Message Formats"), psycopg 3 has no replication protocol support, and the
-SQL interface returns the messages as ``bytea`` rows; what a library would add is the
-streaming protocol we do not use.
+Replication Message Formats") and no well-kept library parses it for psycopg 3, which
+only lets a replication connection start streaming (``SlotStream``) and leaves the copy
+data to us.
 
 Peeking does not consume: the caller applies a batch, records the last applied commit's
 LSN in the same transaction as what it wrote, and only then advances the slot
@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import select
 import struct
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +40,7 @@ import psycopg
 import psycopg.sql
 
 PLUGIN = "pgoutput"
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # PostgreSQL's timestamps count from here
 
 
@@ -73,6 +77,7 @@ class Change:
     relation: Relation
     new: dict[str, Value] | None
     old: dict[str, Value] | None
+    old_whole: bool = False  # the old row came whole ('O'), not only its key ('K')
 
 
 @dataclass(frozen=True)
@@ -140,11 +145,18 @@ class Decoder:
         self.relations: dict[int, Relation] = {}
         self._open: Transaction | None = None
 
+    @property
+    def idle(self) -> bool:
+        """No transaction is half read."""
+        return self._open is None
+
     def feed(self, data: bytes) -> Transaction | None:
         """One message; the transaction it completes, if it is a Commit."""
         r = _Reader(data)
         kind = chr(r.take("!B"))
         if kind == "B":
+            if self._open is not None:
+                raise DecodingError("a Begin came inside an open transaction")
             final_lsn, micros, xid = r.take("!Q"), r.take("!q"), r.take("!I")
             self._open = Transaction(xid, final_lsn, _EPOCH + timedelta(microseconds=micros))
             return None
@@ -211,13 +223,13 @@ class Decoder:
             return Change("INSERT", relation, self._tuple(relation, r), None)
         if kind == "D":
             self._expect(marker, "KO")
-            return Change("DELETE", relation, None, self._tuple(relation, r))
-        old = None
+            return Change("DELETE", relation, None, self._tuple(relation, r), marker == "O")
+        old, whole = None, False
         if marker in "KO":
-            old = self._tuple(relation, r)
+            old, whole = self._tuple(relation, r), marker == "O"
             marker = chr(r.take("!B"))
         self._expect(marker, "N")
-        return Change("UPDATE", relation, self._tuple(relation, r), old)
+        return Change("UPDATE", relation, self._tuple(relation, r), old, whole)
 
     @staticmethod
     def _expect(marker: str, allowed: str) -> None:
@@ -268,18 +280,37 @@ class Slot:
     def create(self, conn: psycopg.Connection[Any]) -> None:
         """Create the slot unless it exists (it keeps WAL from now on until advanced)."""
         require_logical(conn)
-        exists = conn.execute(
-            "select 1 from pg_replication_slots where slot_name = %s", (self.name,)
+        found = conn.execute(
+            "select database = current_database() and plugin = %s from pg_replication_slots"
+            " where slot_name = %s",
+            (PLUGIN, self.name),
         ).fetchone()
-        if exists is None:
+        if found is None:
             conn.execute("select pg_create_logical_replication_slot(%s, %s)", (self.name, PLUGIN))
+        elif not found[0]:
+            raise DecodingError(
+                f"replication slot {self.name} belongs to another database or plugin"
+                " (slot names are the server's, not a database's): choose another name"
+            )
 
-    def drop(self, conn: psycopg.Connection[Any]) -> None:
+    def drop(self, conn: psycopg.Connection[Any], wait: float = 10.0) -> None:
+        """Drop the slot once no stream holds it (a closed stream's server side ends on
+        its own time), waiting up to ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and self.active(conn):
+            time.sleep(0.05)
         conn.execute(
             "select pg_drop_replication_slot(slot_name) from pg_replication_slots"
             " where slot_name = %s",
             (self.name,),
         )
+
+    def active(self, conn: psycopg.Connection[Any]) -> bool:
+        """Whether a stream holds the slot now."""
+        row = conn.execute(
+            "select active from pg_replication_slots where slot_name = %s", (self.name,)
+        ).fetchone()
+        return bool(row and row[0])
 
     def peek(self, conn: psycopg.Connection[Any], limit: int) -> list[Transaction]:
         """The next committed transactions (whole ones: the server stops at a transaction's
@@ -318,24 +349,35 @@ class SlotStream:
     The connection's role needs the REPLICATION attribute (or to be a superuser)."""
 
     def __init__(self, url: str, slot: str, publication: str) -> None:
+        for name in (slot, publication):
+            if not _PLAIN_NAME.fullmatch(name):
+                raise DecodingError(
+                    f"{name!r}: slot and publication names here are lower-case letters,"
+                    " digits and underscores (the replication command takes them as is)"
+                )
         self.url = url
         self.slot = slot
         self.publication = publication
         self.decoder = Decoder()
-        self.confirmed = 0
+        self.confirmed = 0  # reported to the server as written, flushed and applied
+        self._handed = 0  # the end of the last transaction ``read`` returned
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def start(self) -> None:
         """Connect and start streaming after the slot's confirmed position."""
         self.decoder = Decoder()  # the server sends each relation's columns again
+        # Values in the forms the database reads back exactly (as PostgreSQL's own apply
+        # workers ask); a name of its own, so it is never taken for a synchronous standby.
         self._conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, replication="database"
+            self.url,
+            autocommit=True,
+            replication="database",
+            application_name="autodispatch-decoding",
+            options="-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3",
         )
-        slot = psycopg.sql.Identifier(self.slot).as_string(self._conn)
-        publication = psycopg.sql.quote(self.publication, self._conn)
         await self._conn.execute(
-            f"START_REPLICATION SLOT {slot} LOGICAL 0/0"  # 0/0: from the slot's position
-            f" (proto_version '1', publication_names {publication}, messages 'true')"
+            f"START_REPLICATION SLOT {self.slot} LOGICAL 0/0"  # 0/0: the slot's position
+            f" (proto_version '1', publication_names '{self.publication}', messages 'true')"
         )
 
     async def read(self, wait: float) -> list[Transaction]:
@@ -354,14 +396,25 @@ class SlotStream:
                 waited = True
                 continue
             if size < 0:
-                raise DecodingError(f"the replication stream of slot {self.slot} ended")
+                error = pg.error_message.decode(errors="replace").strip()
+                raise DecodingError(
+                    f"the replication stream of slot {self.slot} ended: {error or 'no error'}"
+                )
             message = bytes(data)
             if message[:1] == b"w":  # XLogData: start LSN, end LSN, send time, then ours
                 finished = self.decoder.feed(message[25:])
                 if finished is not None:
                     done.append(finished)
-            elif message[:1] == b"k" and message[17:18] == b"\x01":  # keepalive, reply now
-                self._feedback(pg)
+                    self._handed = finished.end_lsn
+            elif message[:1] == b"k":  # keepalive: how far the server has sent
+                (sent,) = struct.unpack_from("!Q", message, 1)
+                # Transactions that touch no published table come as nothing at all: with
+                # none of ours open or unconfirmed, all before ``sent`` is done, and saying
+                # so lets the server drop that WAL (else the slot would keep it all).
+                if self.decoder.idle and self._handed <= self.confirmed:
+                    self.confirmed = max(self.confirmed, sent)
+                if message[17:18] == b"\x01" or self.confirmed == sent:
+                    self._feedback(pg)
 
     def confirm(self, lsn: int) -> None:
         """Everything up to ``lsn`` is applied."""
@@ -382,8 +435,10 @@ class SlotStream:
         """A standby status update: written, flushed and applied up to ``confirmed``."""
         now = int((datetime.now(UTC) - _EPOCH).total_seconds() * 1_000_000)
         lsn = self.confirmed
-        pg.put_copy_data(b"r" + struct.pack("!QQQqB", lsn, lsn, lsn, now, 0))
-        pg.flush()
+        if pg.put_copy_data(b"r" + struct.pack("!QQQqB", lsn, lsn, lsn, now, 0)) != 1:
+            raise DecodingError(f"a status update for slot {self.slot} could not be queued")
+        while pg.flush() == 1:  # a few dozen bytes: the socket takes them at once, or soon
+            select.select([], [pg.socket], [], 1.0)
 
     @staticmethod
     async def _readable(fd: int, timeout: float) -> None:

@@ -106,6 +106,9 @@ declare
   v_through pg_lsn;
   v_count int;
 begin
+  -- Durable before the decoder confirms the slot past these changes, whatever the
+  -- server's or the role's setting: else a crash could lose events the slot won't resend.
+  perform set_config('synchronous_commit', 'on', true);
   select s.last_id, s.decoded_lsn into v_last, v_done from realtime.stream s where s.id = 1 for update;
   select coalesce(jsonb_agg(x.c order by x.ord), '[]'), max((x.c ->> 'l')::pg_lsn)
     into v_fresh, v_through
