@@ -17,7 +17,8 @@ from autodispatch.ops.bench_realtime.workload import LIFECYCLE, create_populatio
 from autodispatch.ops.bench_writes import live_sessions
 from conftest import flush_wal
 
-FIELDS = "table_name, type, row_id, record, old_record, new_keys, old_keys"
+# Records as text: compared as Python objects, 12.50 and 12.5 would pass for equal.
+FIELDS = "table_name, type, row_id, record::text, old_record::text, new_keys, old_keys"
 
 
 @pytest.fixture
@@ -63,6 +64,12 @@ def _writes(db_url: str, customers: Any, mechanics: Any) -> None:
             if step == "queue":
                 ids["assignment"] = row[0]
         conn.execute("update public.session_messages set visibility_keys = visibility_keys")
+        conn.execute(  # a document's numbers as written (12.50, not 12.5)
+            "update public.session_assignments"
+            """ set request_summary = request_summary || '{"quote": 12.50, "n": 1e3}'"""
+            " where id = %s",
+            (ids["assignment"],),
+        )
         conn.execute(
             "insert into public.feature_flags (key, enabled, description)"
             " values ('decoding_probe', false, 'a flag')"

@@ -8,8 +8,8 @@ takes, so the database makes the events with the same functions as capture does:
 
 - only the captured tables (``CAPTURED``), in commit order, each change with its
   transaction's commit time;
-- values in their text form, except json/jsonb columns, which go as JSON (so that
-  ``jsonb_populate_record`` keeps them as documents, not strings);
+- values in their text form; json/jsonb columns are named in ``"j"`` so the database
+  reads their text as JSON itself (parsed here, ``12.50`` would come back ``12.5``);
 - a TOASTed value an update left as it was (``UNCHANGED``) is taken from the old row,
   which the tables' ``REPLICA IDENTITY FULL`` makes whole; without it the change cannot
   be made into an event, and this says so.
@@ -17,7 +17,6 @@ takes, so the database makes the events with the same functions as capture does:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,9 +56,18 @@ def changes_payload(transactions: Iterable[Transaction]) -> list[dict[str, Any]]
                 )
             old = _row(relation, item.old, None) if item.old is not None else None
             new = _row(relation, item.new, item.old) if item.new is not None else None
-            payload.append(
-                {"t": relation.name, "o": item.kind, "n": new, "p": old, "at": at, "l": lsn}
-            )
+            change: dict[str, Any] = {
+                "t": relation.name,
+                "o": item.kind,
+                "n": new,
+                "p": old,
+                "at": at,
+                "l": lsn,
+            }
+            documents = [name for name, type_oid in relation.columns if type_oid in _JSON_TYPES]
+            if documents:
+                change["j"] = documents
+            payload.append(change)
     return payload
 
 
@@ -67,7 +75,7 @@ def _row(
     relation: Relation, values: dict[str, Value], old: dict[str, Value] | None
 ) -> dict[str, Any]:
     row: dict[str, Any] = {}
-    for name, type_oid in relation.columns:
+    for name, _ in relation.columns:
         value = values[name]
         if value is UNCHANGED:
             value = old.get(name) if old is not None else UNCHANGED
@@ -76,8 +84,5 @@ def _row(
                     f"an update of public.{relation.name} kept {name} without sending it,"
                     " and no old row has it: the captured tables need REPLICA IDENTITY FULL"
                 )
-        if isinstance(value, str) and type_oid in _JSON_TYPES:
-            row[name] = json.loads(value)
-        else:
-            row[name] = value
+        row[name] = value
     return row

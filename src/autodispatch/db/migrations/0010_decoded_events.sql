@@ -15,20 +15,32 @@
 -- p_changes: a JSON array, in commit order, of
 --   {"t": table, "o": "INSERT" | "UPDATE" | "DELETE", "n": new row, "p": old row,
 --    "at": commit time, "l": the transaction's commit LSN}
--- where a row is an object of column -> the value's text (JSON itself for json/jsonb
--- columns, null for SQL null), as jsonb_populate_record reads it. "ord" is each change's
--- place in the array (1-based); changes that make no event are left out.
+--    and "j": the names of its json/jsonb columns, if it has any
+-- where a row is an object of column -> the value's text (null for SQL null), as
+-- jsonb_populate_record reads it; the text of the columns named in "j" is read here as
+-- JSON, so a document keeps its exact numbers. "ord" is each change's place in the
+-- array (1-based); changes that make no event are left out.
 
 create function realtime.decoded_events(p_changes jsonb)
 returns table (ord bigint, schema_name text, table_name text, type text, row_id text,
                record jsonb, old_record jsonb, new_keys text[], old_keys text[],
                at timestamptz)
 language sql stable security definer set search_path = '' as $$
-  with c as (
+  with given as (
     select x.ord, x.c ->> 't' as t, x.c ->> 'o' as o,
            nullif(x.c -> 'n', 'null') as n, nullif(x.c -> 'p', 'null') as p,
-           (x.c ->> 'at')::timestamptz as at
+           coalesce(x.c -> 'j', '[]') as j, (x.c ->> 'at')::timestamptz as at
     from jsonb_array_elements(p_changes) with ordinality as x(c, ord)
+  ),
+  c as (
+    select g.ord, g.t, g.o, g.at,
+           g.n || coalesce((select jsonb_object_agg(k, (g.n ->> k)::jsonb)
+                            from jsonb_array_elements_text(g.j) k where g.n ->> k is not null),
+                           '{}') as n,
+           g.p || coalesce((select jsonb_object_agg(k, (g.p ->> k)::jsonb)
+                            from jsonb_array_elements_text(g.j) k where g.p ->> k is not null),
+                           '{}') as p
+    from given g
   ),
   rows as (
     select c.ord, c.t, c.o, c.at,
