@@ -106,17 +106,20 @@ def lsn_to_text(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
+_LAYOUTS: dict[str, struct.Struct] = {}  # compiled once: a row takes a few per column
+
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.at = 0
 
     def take(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        if self.at + size > len(self.data):
+        layout = _LAYOUTS.get(fmt) or _LAYOUTS.setdefault(fmt, struct.Struct(fmt))
+        if self.at + layout.size > len(self.data):
             raise DecodingError(f"a pgoutput message ended early ({len(self.data)} bytes)")
-        (value,) = struct.unpack_from(fmt, self.data, self.at)
-        self.at += size
+        (value,) = layout.unpack_from(self.data, self.at)
+        self.at += layout.size
         return value
 
     def string(self) -> str:
@@ -245,16 +248,20 @@ class Decoder:
                 f" its Relation message said {len(relation.columns)}"
             )
         row: dict[str, Value] = {}
-        for name, _ in relation.columns:
-            kind = chr(r.take("!B"))
-            if kind == "n":
-                row[name] = None
-            elif kind == "u":
-                row[name] = UNCHANGED
-            elif kind == "t":
+        data, end = r.data, len(r.data)
+        for name, _ in relation.columns:  # the hot loop of decoding: read in place
+            if r.at >= end:
+                raise DecodingError(f"a row of {relation.name} ended early ({end} bytes)")
+            kind = data[r.at]
+            r.at += 1
+            if kind == 0x74:  # 't': Int32 length, then the value's text
                 row[name] = r.raw(r.take("!I")).decode()
+            elif kind == 0x6E:  # 'n'
+                row[name] = None
+            elif kind == 0x75:  # 'u'
+                row[name] = UNCHANGED
             else:
-                raise DecodingError(f"column {name} came in format {kind!r} (we ask for text)")
+                raise DecodingError(f"column {name} came in format {chr(kind)!r} (we ask for text)")
         return row
 
 
