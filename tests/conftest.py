@@ -34,6 +34,14 @@ def database_url(server_url: str, name: str) -> str:
     return with_database(server_url, name)
 
 
+async def number_committed(url: str) -> None:
+    """Number every committed event now. A server numbers an API call's events just after
+    its commit (db/sequencer.py), which may come after the response: a test reading the
+    log right after a request does this first, as the server's sequencer would."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("select realtime.sequence(100000)")
+
+
 def flush_wal(conn: psycopg.Connection[Any]) -> None:
     """Flush the WAL written so far: logical decoding reads only flushed WAL, and the
     embedded test server commits asynchronously. A transaction flushes at commit only if

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from page_helpers import metric as read_metric
 
-from conftest import Account, World
+from conftest import Account, World, number_committed
 
 
 async def metric(world: World, name: str, **labels: str) -> float:
@@ -33,6 +33,7 @@ def receipt(event_id: int | None = 1, **tiers: Any) -> dict[str, Any]:
 
 async def events(world: World, assignment_id: str) -> dict[str, int]:
     """The assignment's events: status -> the latest event id bringing it there."""
+    await number_committed(world.app.state.services.db.url)
     async with await psycopg.AsyncConnection.connect(world.app.state.services.db.url) as conn:
         cur = await conn.execute(
             "select record ->> 'status', max(id) from realtime.events"
@@ -160,6 +161,7 @@ async def test_receipts_come_from_mechanics_about_real_requests(world: World) ->
 
     north, north_event = await alerted(world, workshop_id=world.workshop_id)
     other, _ = await alerted(world)
+    await number_committed(world.app.state.services.db.url)
     async with await psycopg.AsyncConnection.connect(world.app.state.services.db.url) as conn:
         cur = await conn.execute(
             "select max(id) from realtime.events where table_name = 'sessions'"

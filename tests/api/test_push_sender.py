@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from page_helpers import Browser, Push, PushService, check_vapid, metric, open_world
 
-from conftest import Account, World, request_body
+from conftest import Account, World, number_committed, request_body
 
 SUBJECT = "mailto:admin@localhost"
 
@@ -89,6 +89,7 @@ async def eventually(check: Any, timeout: float = 10.0) -> None:
 
 
 async def event_id(world: World, assignment_id: str, status: str) -> int:
+    await number_committed(world.app.state.services.db.url)
     rows = await sql(
         world,
         "select id from realtime.events where table_name = 'session_assignments'"

@@ -15,7 +15,7 @@ from autodispatch.realtime.hub import Hub, RealtimeSettings
 from autodispatch.realtime.metrics import RealtimeMetrics
 from autodispatch.realtime.protocol import parse_filter
 from autodispatch.realtime.router import Binding
-from conftest import Account, World
+from conftest import Account, World, number_committed
 
 BINDINGS = (
     Binding(id=1, table="session_assignments", event="*"),
@@ -45,6 +45,7 @@ class Recorder:
 
 async def _caught_up(hub: Hub, world: World) -> None:
     db = world.app.state.services.db
+    await number_committed(db.url)  # the head then covers every write made so far
     async with db.as_service() as tx:
         row = await tx.one("stream_head")
     assert row is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from conftest import World
+from conftest import World, number_committed
 
 
 def explain(db_url: str, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -30,6 +30,7 @@ async def test_explain_says_why_each_user_does_or_does_not_get_an_event(
     workshop's mechanic does not, and the message shows the keys on both sides."""
     pair = await world.queued(workshop_id=world.workshop_id)
     db_url = world.app.state.services.db.url
+    await number_committed(db_url)
     async with await psycopg.AsyncConnection.connect(db_url) as conn:
         cur = await conn.execute(
             "select id from realtime.events where table_name = 'session_assignments'"
