@@ -451,8 +451,8 @@ def bench_writes(
     ] = None,
 ) -> None:
     """Commits/s and commit latency with the event log on, numbered at commit as before
-    migration 0008, and off, in the same run; and how soon a reader has the events of the
-    fastest runs (docs/benchmarks.md)."""
+    migration 0008, written by the WAL decoder (db/decoder.py), and off, in the same run;
+    the rate each log kept up with; how soon a reader has the events (docs/benchmarks.md)."""
     from rich.table import Table
 
     from autodispatch.ops.bench import machine
@@ -475,38 +475,52 @@ def bench_writes(
         progress=lambda text: err.print(text),
     )
     table = Table(title=f"bench writes — PostgreSQL {version} — {machine()}")
-    for column in ("workload", "writers", "commits/s: log on", "at commit (before)", "log off",
-                   "on / off", "rounds: on / off", "p50 / p99 ms: on", "at commit",
-                   "off"):  # fmt: skip
+    for column in ("workload", "writers", "commits/s: log on", "at commit (before)", "decoded",
+                   "log off", "on / off", "rounds: on / off", "decoded / off",
+                   "kept up: decoded / off", "p50 / p99 ms: on", "decoded", "off"):  # fmt: skip
         table.add_column(column)
     by_key = {(r.workload, r.writers, r.mode): r for r in runs}
     for workload in chosen:
         for count in counts:
-            on, old, off = (by_key[(workload, count, m)] for m in ("on", "at commit", "off"))
+            on, old, decoded, off = (
+                by_key[(workload, count, m)] for m in ("on", "at commit", "decoded", "off")
+            )
             table.add_row(
                 workload,
                 str(count),
                 f"{on.rate:,.0f}",
                 f"{old.rate:,.0f}",
+                f"{decoded.rate:,.0f}",
                 f"{off.rate:,.0f}",
-                f"{on.rate / off.rate:.2f}" if off.rate else "-",
+                _ratio(on.rate, off.rate),
                 _round_ratios(on, off),
+                _ratio(decoded.rate, off.rate),
+                _ratio(decoded.kept_rate, off.rate),
                 on.latency_text(),
-                old.latency_text(),
+                decoded.latency_text(),
                 off.latency_text(),
             )
-    wide = Console(width=max(out.width, 160))  # whole figures, also when piped
+    wide = Console(width=max(out.width, 200))  # whole figures, also when piped
     wide.print(table)
+    wide.print(
+        "kept up: commits/s counted until the log held them all (each round's writes over"
+        " its seconds plus the log's lag when it ended): the rate the log kept up with."
+    )
     fastest = max((r for r in runs if r.mode == "on"), key=lambda r: r.rate)
-    for mode in ("on", "at commit"):
+    for mode in ("on", "at commit", "decoded"):
         run = by_key[(fastest.workload, fastest.writers, mode)]
         wide.print(
             f"{fastest.workload}, {fastest.writers} writers (the fastest run with the log on),"
             f" log {mode}: {run.rate:,.0f} commits/s; a reader had each event"
             f" {run.percentile(run.received_ms, 0.5):.1f} ms (p50) /"
             f" {run.percentile(run.received_ms, 0.99):.1f} ms (p99) after its write"
-            f" ({len(run.received_ms):,} events)."
+            f" ({len(run.received_ms):,} events); the log's lag after each round:"
+            f" {', '.join(f'{c * 1000:.0f}' for c in run.catch_up)} ms."
         )
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
 
 
 def _round_ratios(on: Run, off: Run) -> str:

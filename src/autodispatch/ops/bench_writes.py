@@ -53,7 +53,9 @@ insert into public.session_messages (session_id, sender_id, sender_name, sender_
 values (%(session)s, %(customer)s, 'Bench Driver', 'customer', %(body)s, %(keys)s)"""
 
 
-MODES = ("on", "at commit", "off")  # the log numbered after commit; before 0008; no log
+# The log numbered after commit by triggers and a sequencer; numbered in each commit (as
+# before 0008); written by a decoder from the WAL (db/decoder.py, triggers off); no log.
+MODES = ("on", "at commit", "decoded", "off")
 
 
 @dataclass
@@ -66,6 +68,15 @@ class Run:
     latencies: list[float] = field(default_factory=list, repr=False)
     received_ms: list[float] = field(default_factory=list, repr=False)
     round_rates: list[float] = field(default_factory=list)  # commits/s of each round
+    # How long after each round's last commit the log held its events (the log's lag
+    # then): a log that falls behind its writers has not kept up with their rate.
+    catch_up: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def kept_rate(self) -> float:
+        """Commits/s counted until the log held them all: the rate the log kept up with."""
+        total = self.seconds + sum(self.catch_up)
+        return self.commits / total if total else 0.0
 
     @property
     def rate(self) -> float:
@@ -120,6 +131,46 @@ def set_log(url: str, on: bool) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for table in CAPTURED:
             conn.execute(f"alter table public.{table} {verb} trigger a_realtime_capture")
+
+
+def set_decoding(url: str, on: bool) -> None:
+    """Publish the captured tables with their whole old rows and make the decoder's slot
+    (or undo both): the log written from the WAL, as db/decoder.py writes it. The slot is
+    made new for each decoded round, so it brings only that round's writes."""
+    from autodispatch.db.capture import CAPTURED as TABLES
+    from autodispatch.db.decoder import PUBLICATION, SLOT, EventDecoder
+    from autodispatch.db.pgoutput import Slot
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        Slot(SLOT, PUBLICATION).drop(conn)
+        for table in TABLES:
+            identity = "full" if on else "default"
+            conn.execute(f"alter table public.{table} replica identity {identity}")
+        conn.execute(f"drop publication if exists {PUBLICATION}")
+        if on:
+            tables = ", ".join(f"public.{t}" for t in sorted(TABLES))
+            conn.execute(f"create publication {PUBLICATION} for table {tables}")
+            # The decoded log continues the ids; a new slot starts after what is there.
+            conn.execute("update realtime.stream set decoded_lsn = null")
+    if on:
+        EventDecoder(url).ensure_slot()
+
+
+def _decoder_process(url: str, ready: Any, finish: Any) -> None:
+    """A decoder, as one server process runs it: rounds until told to finish."""
+    from autodispatch.db.decoder import EventDecoder
+
+    async def run() -> None:
+        decoder = EventDecoder(url, wait=0.05)
+        try:
+            await decoder.apply_available()
+            ready.set()
+            while not finish.is_set():
+                await decoder.apply_available()
+        finally:
+            await decoder.close()
+
+    asyncio.run(run())
 
 
 def live_sessions(
@@ -238,8 +289,10 @@ class Subscriber:
     """Reads the log in order as a server's reader does, woken by the sequencer's NOTIFY,
     and records how long after its ``at`` each event was in hand."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, marker: str) -> None:
         self.url = url
+        self.marker = marker  # the body of a chat message written after the round
+        self.marker_seen = threading.Event()
         self.received_ms: list[float] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -258,13 +311,16 @@ class Subscriber:
             conn.execute("listen autodispatch_events")
             while not self.stop.is_set():
                 rows = conn.execute(
-                    "select id, extract(epoch from at) from realtime.events where id > %s"
-                    " order by id limit 10000",
-                    (position,),
+                    "select id, extract(epoch from at), record ->> 'body' = %s"
+                    " from realtime.events where id > %s order by id limit 10000",
+                    (self.marker, position),
                 ).fetchall()
                 now = time.time()
-                for event_id, at in rows:
-                    self.received_ms.append((now - float(at)) * 1000)
+                for event_id, at, is_marker in rows:
+                    if is_marker:
+                        self.marker_seen.set()
+                    else:
+                        self.received_ms.append((now - float(at)) * 1000)
                     position = event_id
                 if not rows:
                     for _ in conn.notifies(timeout=0.05, stop_after=1):
@@ -413,10 +469,14 @@ def run_writes(
                     progress(
                         f"{workload:9} {count:>2} writers, log {mode:9}: {run.rate:8.0f} commits/s"
                         f" (rounds: {', '.join(f'{r:.0f}' for r in run.round_rates)})"
-                    )
+                        + (f"; kept up with {run.kept_rate:8.0f}/s (catch-up"
+                           f" {', '.join(f'{c * 1000:.0f}' for c in run.catch_up)} ms)"
+                           if run.catch_up else "")
+                    )  # fmt: skip
     finally:
         set_log(url, True)
         set_numbering_at_commit(url, False)
+        set_decoding(url, False)
     return runs
 
 
@@ -432,8 +492,9 @@ def _one_run(
     processes: int,
 ) -> None:
     """One round of ``run``'s mode: its commits, latencies and received times added."""
-    set_log(url, run.mode != "off")
+    set_log(url, run.mode in ("on", "at commit"))
     set_numbering_at_commit(url, run.mode == "at commit")
+    set_decoding(url, run.mode == "decoded")
     share = min(processes, run.writers)
     specs = [
         WriterSpec(
@@ -447,15 +508,55 @@ def _one_run(
         )
         for p in range(share)
     ]
-    subscriber = Subscriber(url) if run.mode != "off" else None
-    with subscriber or contextlib.nullcontext():
+    marker = f"bench marker {time.monotonic_ns()}"
+    subscriber = Subscriber(url, marker) if run.mode != "off" else None
+    with subscriber or contextlib.nullcontext(), _decoder(url, run.mode == "decoded"):
         measured, latencies = run_processes(specs, warmup, seconds)
+        if subscriber is not None:
+            run.catch_up.append(_catch_up(url, sessions[0], marker, subscriber, run.mode))
     run.seconds += measured
     run.commits += len(latencies)
     run.latencies += [x * 1000 for x in latencies]
     run.round_rates.append(len(latencies) / measured)
     if subscriber is not None:
         run.received_ms += subscriber.received_ms
+
+
+@contextlib.contextmanager
+def _decoder(url: str, on: bool) -> Any:
+    """A decoder process for the round (when ``on``), running before the writers start."""
+    if not on:
+        yield
+        return
+    context = multiprocessing.get_context("spawn")
+    ready, finish = context.Event(), context.Event()
+    process = context.Process(target=_decoder_process, args=(url, ready, finish), daemon=True)
+    process.start()
+    try:
+        while not ready.wait(0.5):
+            if not process.is_alive():
+                raise SystemExit(f"the bench decoder process died (exit {process.exitcode})")
+        yield
+    finally:
+        finish.set()
+        process.join(timeout=30)
+
+
+def _catch_up(
+    url: str, session: dict[str, Any], marker: str, subscriber: Subscriber, mode: str
+) -> float:
+    """Write a marker message after the round's writers stopped; seconds until a reader
+    of the log had it (and so every event committed before it)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_MESSAGE, {**session, "body": marker})
+        committed = time.monotonic()
+        deadline = committed + 600
+        while not subscriber.marker_seen.wait(0.002):
+            if mode == "on":  # the writers' sequencers have stopped: number it here
+                conn.execute("select realtime.sequence(100000)")
+            if time.monotonic() > deadline:
+                raise SystemExit("the log did not catch up within 10 minutes")
+        return time.monotonic() - committed
 
 
 def writes(
