@@ -11,16 +11,18 @@ log's capture triggers on, then with them disabled, in the same run:
   waiver and queue, accept, start, end: the statements ``bench realtime`` uses);
 - **mix**: half the writers of each.
 
-A third mode, the baseline "at commit", puts back the numbering used before migration
-0008 (ids given in each writer's commit under realtime.stream's row lock, with a NOTIFY)
-for the same writes in the same run.
+Two more modes run the same writes in the same run: the baseline "at commit" puts back
+the numbering used before migration 0008 (ids given in each writer's commit under
+realtime.stream's row lock, with a NOTIFY); "decoded" writes the log from the WAL
+(db/decoder.py, in a process of its own) with the capture triggers off, the alternative
+measured and not taken (docs/decisions.md).
 
 Reported per run: commits/s, commit latency p50/p99 (the statement's round trip, its
 commit included). With the log on, a sequencer in each writer process numbers its
 events after each commit, as a server does for its own writes (db/sequencer.py); for
-the fastest run with the log on, a subscriber reading the log (as a server's reader
-does) reports how long after each write (its ``at``) it had the event; so does the
-fastest "at commit" run, for comparison.
+every run with a log, a subscriber reading the log (as a server's reader does) reports
+how long after each write (its ``at``) it had the event, and a marker written after each
+round how far behind the log was then: the rate it kept up with counts that lag in.
 """
 
 from __future__ import annotations
