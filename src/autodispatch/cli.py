@@ -25,7 +25,7 @@ from autodispatch.realtime.websocket import Gateway
 from autodispatch.realtime.wsserver import protocol_for
 
 if TYPE_CHECKING:
-    from autodispatch.ops.bench_writes import Run
+    from autodispatch.bench.writes import Run
 
 app = typer.Typer(
     help="Realtime dispatch of customer session requests to mechanics.",
@@ -409,7 +409,7 @@ def bench_contention(
     """N mechanics race over HTTP for M requests: accepts/s and latency, against a baseline."""
     from rich.table import Table
 
-    from autodispatch.ops.bench import contention
+    from autodispatch.bench.contention import contention
     from autodispatch.ops.progress import Steps
 
     with Steps(err) as steps:
@@ -455,8 +455,8 @@ def bench_writes(
     the rate each log kept up with; how soon a reader has the events (docs/benchmarks.md)."""
     from rich.table import Table
 
-    from autodispatch.ops.bench import machine
-    from autodispatch.ops.bench_writes import WORKLOADS, writes
+    from autodispatch.bench.machine import machine
+    from autodispatch.bench.writes import WORKLOADS, writes
 
     counts = [int(w) for w in writers.split(",") if w.strip()]
     chosen = [w.strip() for w in workloads.split(",") if w.strip()]
@@ -565,7 +565,7 @@ def bench_realtime(
     from pathlib import Path
 
     try:
-        from autodispatch.ops import bench_realtime as bench
+        from autodispatch.bench import realtime as bench
     except ImportError as exc:  # websockets is a test/dev dependency
         err.print(f"[red]bench realtime needs {exc.name}:[/red] pip install 'autodispatch[test]'")
         raise typer.Exit(1) from None

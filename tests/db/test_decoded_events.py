@@ -11,10 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from autodispatch.bench.realtime.workload import LIFECYCLE, create_population
+from autodispatch.bench.writes import live_sessions
 from autodispatch.db.capture import CAPTURED, changes_payload
 from autodispatch.db.pgoutput import DecodingError, Slot
-from autodispatch.ops.bench_realtime.workload import LIFECYCLE, create_population
-from autodispatch.ops.bench_writes import live_sessions
 from conftest import flush_wal
 
 # Records as text: compared as Python objects, 12.50 and 12.5 would pass for equal.

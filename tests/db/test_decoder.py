@@ -10,11 +10,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from autodispatch.bench.realtime.workload import create_population
+from autodispatch.bench.writes import live_sessions, set_log
 from autodispatch.db.capture import CAPTURED
 from autodispatch.db.decoder import PUBLICATION, SLOT, EventDecoder
 from autodispatch.db.pgoutput import Slot
-from autodispatch.ops.bench_realtime.workload import create_population
-from autodispatch.ops.bench_writes import live_sessions, set_log
 from conftest import flush_wal
 
 

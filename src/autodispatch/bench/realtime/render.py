@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autodispatch.ops.bench_realtime.report import Report, Window
+from autodispatch.bench.realtime.report import Report, Window
 
 
 @dataclass(frozen=True)

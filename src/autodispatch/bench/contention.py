@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -24,17 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
+from autodispatch.bench.machine import machine
 from autodispatch.config import Settings
 from autodispatch.db.database import Database
 from autodispatch.identity.accounts import Accounts
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    mem = psutil.virtual_memory().total / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
 
 
 @dataclass

@@ -31,8 +31,8 @@ workshops) watch the queue (``session_assignments``, unfiltered) and their own s
 mechanic may take them) or for one workshop, and go through their lifecycle: created,
 queued, accepted, started, completed.
 
-This package must not import ``autodispatch.realtime`` (ops is the lower layer): the
-client frames are written here with ``json``.
+This package must not import ``autodispatch.realtime`` (benchmarks sit in the layer of
+routes and operations, below it): the client frames are written here with ``json``.
 
 The package: ``report`` (options and figures), ``workload`` (accounts, joins, the event
 writer), ``clients`` and ``frames`` (the subscriber processes), ``server`` (the serve
@@ -40,8 +40,8 @@ processes and what they report), ``run`` (the measurements, in order) and ``rend
 (targets and tables).
 """
 
-from autodispatch.ops.bench_realtime.render import Verdict, render, verdicts
-from autodispatch.ops.bench_realtime.report import RealtimeOptions, Report, Window
-from autodispatch.ops.bench_realtime.run import realtime
+from autodispatch.bench.realtime.render import Verdict, render, verdicts
+from autodispatch.bench.realtime.report import RealtimeOptions, Report, Window
+from autodispatch.bench.realtime.run import realtime
 
 __all__ = ["RealtimeOptions", "Report", "Verdict", "Window", "realtime", "render", "verdicts"]

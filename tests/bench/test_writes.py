@@ -6,8 +6,8 @@ import asyncio
 
 import psycopg
 
-from autodispatch.ops.bench_realtime.workload import Member, create_population
-from autodispatch.ops.bench_writes import CAPTURED, MODES, Run, run_writes
+from autodispatch.bench.realtime.workload import Member, create_population
+from autodispatch.bench.writes import CAPTURED, MODES, Run, run_writes
 
 
 async def test_each_mode_commits_and_the_log_is_whole_again_after(db_url: str) -> None:

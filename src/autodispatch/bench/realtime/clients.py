@@ -20,7 +20,7 @@ from websockets.frames import Frame
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from autodispatch.ops.bench_realtime.frames import (
+from autodispatch.bench.realtime.frames import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,

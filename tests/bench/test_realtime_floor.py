@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from autodispatch.ops.bench_realtime.floor import Floor, measure_floor
-from autodispatch.ops.bench_realtime.render import verdicts
-from autodispatch.ops.bench_realtime.report import RealtimeOptions, Report, Window
+from autodispatch.bench.realtime.floor import Floor, measure_floor
+from autodispatch.bench.realtime.render import verdicts
+from autodispatch.bench.realtime.report import RealtimeOptions, Report, Window
 
 
 def test_every_frame_of_every_burst_arrives_and_is_timed() -> None:

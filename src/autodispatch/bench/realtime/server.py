@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import psutil
 
-from autodispatch.ops.bench_realtime.workload import SECRET, WRITER_MARK
+from autodispatch.bench.realtime.workload import SECRET, WRITER_MARK
 
 
 def _free_port() -> int:

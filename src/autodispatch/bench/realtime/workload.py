@@ -15,12 +15,12 @@ from typing import Any
 
 import psycopg
 
+from autodispatch.bench.realtime.report import Progress
 from autodispatch.config import Settings
 from autodispatch.db.database import Database
 from autodispatch.db.sequencer import Sequencer
 from autodispatch.identity.accounts import Accounts
 from autodispatch.identity.tokens import TokenIssuer
-from autodispatch.ops.bench_realtime.report import Progress
 
 SECRET = "bench-realtime-secret-" + "r" * 32
 TOPIC = "realtime:dispatch"

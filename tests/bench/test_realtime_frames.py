@@ -1,4 +1,4 @@
-"""The bench's own frame reader and writer (ops/bench_realtime/frames.py) agree with the
+"""The bench's own frame reader and writer (bench/realtime/frames.py) agree with the
 websockets package: what a server writes, the bench's clients read; what they write, a
 server reads."""
 
@@ -8,7 +8,7 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from autodispatch.ops.bench_realtime.frames import (
+from autodispatch.bench.realtime.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,

@@ -39,9 +39,9 @@ from typing import Any
 
 import psycopg
 
+from autodispatch.bench.realtime.workload import LIFECYCLE, Member
 from autodispatch.config import Settings
 from autodispatch.db.sequencer import Sequencer
-from autodispatch.ops.bench_realtime.workload import LIFECYCLE, Member
 
 WORKLOADS = ("chat", "lifecycle", "mix")
 SPACING = Settings.realtime_sequence_spacing  # a server's default
@@ -577,9 +577,9 @@ def writes(
     import tempfile
     from pathlib import Path
 
+    from autodispatch.bench.realtime.workload import create_population
     from autodispatch.db import migrate
     from autodispatch.db.embedded import EmbeddedPostgres
-    from autodispatch.ops.bench_realtime.workload import create_population
 
     with tempfile.TemporaryDirectory(prefix="autodispatch-bench-writes-") as tmp:
         server = None

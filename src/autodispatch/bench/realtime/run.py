@@ -15,10 +15,10 @@ import httpx
 import psutil
 import psycopg
 
-from autodispatch.identity.tokens import TokenIssuer
-from autodispatch.ops.bench_realtime.clients import LoadGenerator, percentile, raise_fd_limit
-from autodispatch.ops.bench_realtime.floor import measure_floor
-from autodispatch.ops.bench_realtime.report import (
+from autodispatch.bench.machine import machine
+from autodispatch.bench.realtime.clients import LoadGenerator, percentile, raise_fd_limit
+from autodispatch.bench.realtime.floor import measure_floor
+from autodispatch.bench.realtime.report import (
     LATENCY_LIMIT,
     Memory,
     Progress,
@@ -26,9 +26,8 @@ from autodispatch.ops.bench_realtime.report import (
     Report,
     StatementCount,
     Window,
-    machine,
 )
-from autodispatch.ops.bench_realtime.server import (
+from autodispatch.bench.realtime.server import (
     LOG_READ,
     NOT_SERVER_STATEMENTS,
     PER_EVENT_PURPOSES,
@@ -38,13 +37,14 @@ from autodispatch.ops.bench_realtime.server import (
     metric,
     server_percentile,
 )
-from autodispatch.ops.bench_realtime.workload import (
+from autodispatch.bench.realtime.workload import (
     SECRET,
     Member,
     Writer,
     create_population,
     join_frames,
 )
+from autodispatch.identity.tokens import TokenIssuer
 
 
 class Bench:
