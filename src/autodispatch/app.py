@@ -32,9 +32,9 @@ from autodispatch.db import migrate
 from autodispatch.db.database import Database
 from autodispatch.identity.accounts import Accounts
 from autodispatch.metrics import Metrics
-from autodispatch.ops.gateways import GatewayHeartbeat, HealthMetrics
 from autodispatch.realtime import rest, sse, websocket
 from autodispatch.realtime.broker import Broker
+from autodispatch.realtime.heartbeat import GatewayHeartbeat, HealthMetrics
 from autodispatch.realtime.hub import Hub, RealtimeSettings
 from autodispatch.realtime.metrics import RealtimeMetrics
 from autodispatch.web import pages

@@ -608,7 +608,8 @@ def audit(
     Works on any database with the dispatch tables (a missing piece is a finding). Each
     finding names its rows and its fix; `repair --apply` fixes the repairable ones.
     Exit code 0: nothing found; 1: findings; 2: the database could not be read."""
-    from autodispatch.ops.audit import AuditOptions, AuditReport, render, run_audit
+    from autodispatch.ops.audit.context import AuditOptions, AuditReport
+    from autodispatch.ops.audit.run import render, run_audit
 
     settings = Settings.from_env()
     options = AuditOptions(

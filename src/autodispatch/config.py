@@ -9,6 +9,15 @@ from pathlib import Path
 
 import platformdirs
 
+# Not settings: how long past a promise the audit, `repair` and the health gauges call a
+# thing stuck. Expiry runs every ``expiry_interval_seconds`` (0.5 s); an offer or request
+# still past its time after this long is not being expired.
+EXPIRY_GRACE_SECONDS = 30
+# Every server gives committed events their ids within its sequence poll interval (0.05 s
+# by default, db/sequencer.py); an event without one after this long means no server is
+# doing it, and no subscriber has received it.
+SEQUENCE_GRACE_SECONDS = 10
+
 
 def default_home() -> Path:
     return Path(platformdirs.user_data_dir("autodispatch", appauthor=False))

@@ -13,7 +13,8 @@ import psycopg
 
 from autodispatch.app import create_app
 from autodispatch.db import migrate
-from autodispatch.ops.audit import AuditOptions, AuditReport, run_audit
+from autodispatch.ops.audit.context import AuditOptions, AuditReport
+from autodispatch.ops.audit.run import run_audit
 from autodispatch.ops.repair import RepairOptions, RepairReport, repair
 from conftest import Account, World, make_settings
 

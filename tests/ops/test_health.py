@@ -225,7 +225,7 @@ async def test_a_heartbeat_that_fails_unexpectedly_keeps_beating_and_stops_clean
     beat runs; stop() never raises into the shutdown, and still forgets the row."""
     from prometheus_client import CollectorRegistry
 
-    from autodispatch.ops.gateways import GatewayHeartbeat, HealthMetrics
+    from autodispatch.realtime.heartbeat import GatewayHeartbeat, HealthMetrics
 
     url = world.app.state.services.db.url
     calls = 0

@@ -27,7 +27,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from autodispatch.ops.audit import Catalog
+from autodispatch.ops.audit.context import Catalog
 from autodispatch.ops.repair_work import (
     AUDIT_TRIGGERS,
     SAMPLE,

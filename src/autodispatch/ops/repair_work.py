@@ -14,9 +14,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 
+from autodispatch.config import EXPIRY_GRACE_SECONDS, SEQUENCE_GRACE_SECONDS
 from autodispatch.db import queries
 from autodispatch.domain.lifecycle import ASSIGNMENT, CONSISTENT_PAIRS, SESSION
-from autodispatch.ops.gateways import EXPIRY_GRACE_SECONDS, SEQUENCE_GRACE_SECONDS
 from autodispatch.ops.reconcile import missing_assignment_pair, pair_kind, settle
 
 # Bypass transactions keep writers of both tables waiting until they commit: keep them tiny.

@@ -1,5 +1,5 @@
 -- Gateway heartbeats (migration 0004) and the dispatch health figures each process
--- reports as metrics. Used by autodispatch.ops.gateways and the /readyz route.
+-- reports as metrics. Used by autodispatch.realtime.heartbeat and the /readyz route.
 
 -- name: gateway_register
 insert into realtime.gateways (id, host, pid, version, heartbeat_seconds, position)

@@ -11,8 +11,8 @@ past their expiry, requests past their time to live, the age of the oldest event
 process has not routed, and the number of live gateways. They are Prometheus gauges on
 the app's registry.
 
-This module knows nothing of the realtime package (the layers forbid it): the app passes
-in functions that give the reader's position and the subscriber count.
+It lives beside the gateway it describes, but takes nothing from it: the app passes in
+functions that give the reader's position and the subscriber count.
 """
 
 from __future__ import annotations
@@ -28,17 +28,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from autodispatch import __version__
 from autodispatch.background import Loops
+from autodispatch.config import EXPIRY_GRACE_SECONDS
 from autodispatch.db.database import Database
 
 log = structlog.get_logger("autodispatch.ops")
 
 HEARTBEAT_SECONDS = 5.0
-# Expiry runs every 0.5 s; anything still past its time after this long is stuck.
-EXPIRY_GRACE_SECONDS = 30
-# Every server gives committed events their ids within its sequence poll interval (0.05 s
-# by default, realtime/sequencer.py); an event without one after this long means no
-# server is doing it, and no subscriber has received it.
-SEQUENCE_GRACE_SECONDS = 10
 
 
 class HealthMetrics:

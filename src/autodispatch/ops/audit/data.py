@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from autodispatch.config import EXPIRY_GRACE_SECONDS, SEQUENCE_GRACE_SECONDS
 from autodispatch.domain.lifecycle import ASSIGNMENT, SESSION
-from autodispatch.ops.gateways import EXPIRY_GRACE_SECONDS, SEQUENCE_GRACE_SECONDS
+from autodispatch.ops.audit.context import AuditContext
 from autodispatch.ops.reconcile import PAIR_KINDS, pair_kind
-
-if TYPE_CHECKING:
-    from autodispatch.ops.audit import AuditContext
 
 DATA = "data"
 REALTIME = "realtime"

@@ -4,12 +4,9 @@ rules, row-level security and the event log to hold. Catalog queries only."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from autodispatch.domain.lifecycle import ASSIGNMENT, SESSION, Lifecycle
-
-if TYPE_CHECKING:
-    from autodispatch.ops.audit import AuditContext
+from autodispatch.ops.audit.context import AuditContext
 
 SCHEMA = "schema"
 
@@ -477,7 +474,7 @@ async def check_row_security(ctx: AuditContext) -> None:
             " compare one visibility function of the row with auth.principal_keys() (and"
             " nothing else), so RLS and the realtime router can disagree.",
             "Make each `using (<table>_visibility_keys(<table>) && (select"
-            " auth.principal_keys()))`, and add the table to ops/audit_schema.py.",
+            " auth.principal_keys()))`, and add the table to ops/audit/schema.py.",
             not_keyed,
         )
 
