@@ -63,5 +63,5 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level)
     # Alembic narrates every connection it inspects at INFO; the migrate command reports
-    # the revisions it runs itself (ops.progress.alembic_revisions).
+    # the revisions it runs itself (cli.progress.alembic_revisions).
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))

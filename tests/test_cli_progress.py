@@ -8,7 +8,7 @@ import logging
 import pytest
 from rich.console import Console
 
-from autodispatch.ops.progress import Bars, Steps, alembic_revisions
+from autodispatch.cli.progress import Bars, Steps, alembic_revisions
 
 
 def console() -> tuple[Console, io.StringIO]:
