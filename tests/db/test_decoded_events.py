@@ -14,7 +14,8 @@ import pytest
 from autodispatch.bench.realtime.workload import LIFECYCLE, create_population
 from autodispatch.bench.writes import live_sessions
 from autodispatch.db.capture import CAPTURED, changes_payload
-from autodispatch.db.pgoutput import DecodingError, Slot
+from autodispatch.db.pgoutput import DecodingError
+from autodispatch.db.slot import Slot
 from conftest import flush_wal
 
 # Records as text: compared as Python objects, 12.50 and 12.5 would pass for equal.

@@ -14,7 +14,7 @@ from autodispatch.bench.realtime.workload import create_population
 from autodispatch.bench.writes import live_sessions, set_log
 from autodispatch.db.capture import CAPTURED
 from autodispatch.db.decoder import PUBLICATION, SLOT, EventDecoder
-from autodispatch.db.pgoutput import Slot
+from autodispatch.db.slot import Slot
 from conftest import flush_wal
 
 

@@ -17,11 +17,10 @@ from autodispatch.db.pgoutput import (
     Decoder,
     DecodingError,
     Message,
-    Slot,
-    SlotStream,
     Transaction,
     lsn_from_text,
 )
+from autodispatch.db.slot import Slot, SlotStream
 from conftest import flush_wal
 
 TABLE = """

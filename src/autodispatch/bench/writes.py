@@ -141,7 +141,7 @@ def set_decoding(url: str, on: bool) -> None:
     made new for each decoded round, so it brings only that round's writes."""
     from autodispatch.db.capture import CAPTURED as TABLES
     from autodispatch.db.decoder import PUBLICATION, SLOT, EventDecoder
-    from autodispatch.db.pgoutput import Slot
+    from autodispatch.db.slot import Slot
 
     with psycopg.connect(url, autocommit=True) as conn:
         Slot(SLOT, PUBLICATION).drop(conn)

@@ -1,11 +1,10 @@
 """The event log's decoder: the captured tables' committed changes, streamed from a
 logical replication slot, written into the log with their ids (migration 0010).
 
-This is the way chosen to take capture out of the writers' transactions (the capture
-triggers cost them a third of their commits/s, docs/decisions.md). Not wired into the
-server yet: the triggers still write the log, and the switch (a publication of the
-captured tables with their whole old rows, the triggers dropped, this in place of the
-sequencer) is the next step of the project issue on the event log.
+This is the alternative to the capture triggers that `bench writes` measures in its
+"decoded" mode, and that the project did not take: the writers go faster with it, but on
+a machine they keep busy the log falls behind them (docs/decisions.md, "The decoder
+measured by the rate the log keeps up with"). The server does not run it.
 
 Each round reads the transactions that came whole (``SlotStream``), makes their events
 in the database (``realtime.apply_decoded``: the ids, and the last applied commit's LSN,
@@ -23,7 +22,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from autodispatch.db.capture import changes_payload
-from autodispatch.db.pgoutput import Slot, SlotStream
+from autodispatch.db.slot import Slot, SlotStream
 
 SLOT = "autodispatch_events"
 PUBLICATION = "autodispatch_events"
