@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from autodispatch.bench.realtime.workload import LIFECYCLE, create_population
-from autodispatch.bench.writes import live_sessions
+from autodispatch.bench.writers import live_sessions
 from autodispatch.db.capture import CAPTURED, changes_payload
 from autodispatch.db.pgoutput import DecodingError
 from autodispatch.db.slot import Slot

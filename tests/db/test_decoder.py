@@ -11,7 +11,8 @@ import psycopg
 import pytest
 
 from autodispatch.bench.realtime.workload import create_population
-from autodispatch.bench.writes import live_sessions, set_log
+from autodispatch.bench.write_modes import set_log
+from autodispatch.bench.writers import live_sessions
 from autodispatch.db.capture import CAPTURED
 from autodispatch.db.decoder import PUBLICATION, SLOT, EventDecoder
 from autodispatch.db.slot import Slot

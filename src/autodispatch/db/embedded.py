@@ -35,6 +35,11 @@ connections, so only users who can enter the socket directory (mode 0700) can co
 PostgreSQL refuses to run as root. When we run as root (CI, containers) initdb and pg_ctl run as
 the system user ``embedded_postgres`` (created if needed), which owns the data and socket
 directories; the directories above home are made traversable for it.
+
+Why one module of ~800 lines: the lock, the claims file, the postmaster checks and the
+start and stop steps are one protocol between processes, each step relying on what the
+others guarantee (who holds the lock when, which claim keeps a server up); read apart,
+each would be wrong. Nothing else of ours lives here.
 """
 
 from __future__ import annotations
