@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autodispatch.ops.audit.context import Catalog
+from autodispatch.ops.repair_kinds import Repairs
 from autodispatch.ops.repair_work import (
     AUDIT_TRIGGERS,
     SAMPLE,
@@ -164,7 +165,7 @@ async def repair(
     as repairable. ``conn`` is switched to autocommit: each batch is its own transaction."""
     options = options or RepairOptions()
     await conn.set_autocommit(True)
-    worker = Repairer(conn, options, progress)
+    worker = Repairs(conn, options, progress)
     catalog = Catalog(await worker.rows("audit_columns"), await worker.rows("audit_functions"))
     if options.apply:
         await _check_audit_triggers(worker, catalog)
