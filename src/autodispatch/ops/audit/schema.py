@@ -343,7 +343,8 @@ async def check_row_security(ctx: AuditContext) -> None:
             " compare one visibility function of the row with auth.principal_keys() (and"
             " nothing else), so RLS and the realtime router can disagree.",
             "Make each `using (<table>_visibility_keys(<table>) && (select"
-            " auth.principal_keys()))`, and add the table to EXPECTED_POLICIES in ops/audit/expected.py.",
+            " auth.principal_keys()))`, and add the table to EXPECTED_POLICIES in"
+            " ops/audit/expected.py.",
             not_keyed,
         )
 
