@@ -35,7 +35,8 @@ This package must not import ``autodispatch.realtime`` (benchmarks sit in the la
 routes and operations, below it): the client frames are written here with ``json``.
 
 The package: ``report`` (options and figures), ``workload`` (accounts, joins, the event
-writer), ``clients`` and ``frames`` (the subscriber processes), ``server`` (the serve
+writer), ``clients`` (the subscriber processes, from the parent), ``subscriber`` (one of them)
+and ``frames``, ``server`` (the serve
 processes and what they report), ``run`` (the measurements, in order) and ``render``
 (targets and tables).
 """

@@ -1,4 +1,10 @@
-"""The run: both routing strategies, measured on the same accounts and workload."""
+"""The run: both routing strategies, measured on the same accounts and workload.
+
+Why one class of ~400 lines: ``Bench`` is the run itself, its phases (setup, windows,
+ramp, statements, floor, memory, keys, gateways, baseline) in the order they run, all on
+one server, one database and one set of subscriber processes that each phase leaves as
+the next expects; the figures go to ``report``, the tables to ``render``.
+"""
 
 from __future__ import annotations
 
