@@ -211,3 +211,12 @@ class Loops:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+async def cancel_tasks(*tasks: asyncio.Task[None] | None) -> None:
+    """Cancel the tasks (None is skipped) and wait until all have ended, whatever they
+    raise."""
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)

@@ -93,7 +93,7 @@ class Settings:
     realtime_sequence_spacing: float = 0.002
     realtime_queue_size: int = 1000
     # How often each process tells the others on the bus it is alive; one silent for three
-    # of its intervals has its presences dropped everywhere (realtime/broker.py). At most
+    # of its intervals has its presences dropped everywhere (realtime/peers.py). At most
     # an hour: the other processes ignore presence from one that claims longer.
     realtime_presence_interval: float = 5.0
     # "keys" (the visibility-key index) or "per_subscriber_sql": the hosted service's

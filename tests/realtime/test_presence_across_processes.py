@@ -26,13 +26,9 @@ from live_servers import serve_live
 from test_ws_protocol import Raw, ok_response, raw_socket
 
 from autodispatch.db.database import Database
-from autodispatch.realtime.broker import (
-    BUS_CHANNEL,
-    LISTENER_NAME,
-    MAX_BUS_PAYLOAD,
-    SILENT_INTERVALS,
-    Broker,
-)
+from autodispatch.realtime.broker import Broker
+from autodispatch.realtime.peers import SILENT_INTERVALS
+from autodispatch.realtime.pg_bus import BUS_CHANNEL, LISTENER_NAME, MAX_BUS_PAYLOAD
 from autodispatch.realtime.presence import Gate
 from test_serve import Serve
 
@@ -86,7 +82,7 @@ def keys(broker: Broker) -> set[str]:
 
 def die(broker: Broker) -> None:
     """As if the process were SIGKILLed: it hears and says nothing more, not even bye."""
-    for task in (broker._listener, broker._beat):
+    for task in (broker.bus._listener, broker.peers._beat):
         assert task is not None
         task.cancel()
 
@@ -224,10 +220,10 @@ async def test_an_origin_dropped_while_only_slow_is_asked_again(db_url: str) -> 
         b.join(TOPIC, watcher)
         await a.track(TOPIC, "alice", "a-1", {"name": "alice"})
         await eventually("alice on b", lambda: keys(b) == {"alice"})
-        assert a._beat is not None
-        a._beat.cancel()  # a stalls: no alive
+        assert a.peers._beat is not None
+        a.peers._beat.cancel()  # a stalls: no alive
         await eventually("alice's leave", lambda: watcher.left() == {"alice"}, timeout=5.0)
-        a._beat = asyncio.create_task(a._say_alive())
+        a.peers._beat = asyncio.create_task(a.peers._say_alive())
         await eventually("alice again on b", lambda: keys(b) == {"alice"}, timeout=5.0)
         assert watcher.diffs[-1][0] == {"alice": {"metas": [{"name": "alice", "phx_ref": "a-1"}]}}
 

@@ -1,30 +1,21 @@
 """Presence held between processes, without I/O: the shape of the entries, the diff
-arithmetic, a snapshot's chunks and their assembly, what is known of another origin, and
-the gate that orders a snapshot against diffs. The bus that carries them is broker.py.
+arithmetic, a snapshot's chunks and their assembly, and the gate that orders a snapshot
+against diffs. shared_presence.py puts them to work over the bus.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from autodispatch.realtime.bus import encode
+
 Refs = dict[str, dict[str, Any]]  # phx_ref -> meta (which holds its phx_ref)
 Keys = dict[str, Refs]  # presence key -> refs
 Topics = dict[str, Keys]  # topic -> keys
-
-
-@dataclass
-class Peer:
-    """Another origin, as last heard on the bus."""
-
-    last_heard: float
-    interval: float  # how often it says alive
-    synced: bool = False  # we hold a complete snapshot of it, kept up by its diffs since
-    asked_at: float = float("-inf")
 
 
 @dataclass
@@ -120,11 +111,6 @@ def chunks(entries: list[list[Any]], room: int) -> list[list[list[Any]]]:
         packed[-1].append(entry)
         used += size
     return packed
-
-
-def encode(value: Any) -> str:
-    """Compact JSON, as it travels on the bus (and as ``chunks`` measures it)."""
-    return json.dumps(value, separators=(",", ":"))
 
 
 def as_metas(keys: Keys) -> dict[str, Any]:
