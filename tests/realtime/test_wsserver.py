@@ -1,5 +1,5 @@
-"""The native WebSocket server (realtime/wsserver.py): its frames, the frames recipients
-share, batched writes, and the upgrades it leaves to uvicorn and the app."""
+"""The native WebSocket server (the realtime/wsserver package): its frames, the frames
+recipients share, batched writes, and the upgrades it leaves to uvicorn and the app."""
 
 from __future__ import annotations
 

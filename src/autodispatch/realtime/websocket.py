@@ -1,7 +1,7 @@
 """The realtime WebSocket through ASGI, for any ASGI server.
 
 ``autodispatch serve`` answers ``/realtime/v1/websocket`` and ``/socket/websocket``
-itself (``wsserver.py``: frames written straight to the socket, no task per connection);
+itself (``wsserver``: frames written straight to the socket, no task per connection);
 these routes serve the same protocol (``gateway``) under any other server. Each
 socket has a bounded queue of outgoing frames drained by a writer task; a client too
 slow to drain it is closed with the reason ``slow_consumer`` (code 4000) and resumes
