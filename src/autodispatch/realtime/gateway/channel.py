@@ -33,6 +33,8 @@ CHANNEL_CLOSE_MESSAGES = {
 
 
 class Channel:
+    """One topic joined on one connection: the router's ``Sink``, the broker's ``Member``."""
+
     __slots__ = (
         "_held",
         "broadcast_ack",
