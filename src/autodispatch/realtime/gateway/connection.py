@@ -7,7 +7,7 @@ a slow consumer), runs its tasks, and ends: ``close`` when the server closes it,
 when the client or the network did, then ``finish`` leaves every channel. What it does
 with the client's messages lives beside it, one module per job (``inbox``, ``join``,
 ``access``, ``broadcast_presence``); its methods here are the ones the transports, the
-gateway's timer and its channels call.
+gateway's timer, its channels and those modules call.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ bounded time for room, and closes saying why. Two transports implement it: the n
 server (``wsserver``: straight to the socket, a backlog past the transport's high water
 mark) and the ASGI routes (``websocket.py``: a bounded queue and a writer task). Both
 bound what waits for a client by ``Limits.queue_size`` row frames, plus ``CONTROL_ROOM``
-for control frames, and close a client that cannot keep up with ``slow_consumer``: it
-resumes from its cursor and loses nothing.
+for control frames; a client that cannot keep up is closed with ``slow_consumer`` (code
+``SLOW_CONSUMER``): it resumes from its cursor and loses nothing.
 
 While the reader routes a batch of events, wires that can gather each connection's frames
 and write them with one call (``WriteBatch``).
