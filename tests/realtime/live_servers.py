@@ -1,7 +1,7 @@
 """Live servers for the WebSocket tests: as ``autodispatch serve`` runs the app (the
-realtime WebSocket paths served on the socket by ``realtime/wsserver.py``), or with the
-same protocol through the ASGI routes of ``realtime/websocket.py``, as any other ASGI
-server would serve it. Test modules define their ``live`` fixture with ``serve_live``."""
+realtime WebSocket paths served on the socket by the ``realtime/wsserver`` package), or
+with the same protocol through the ASGI routes of ``realtime/websocket.py``, as any other
+ASGI server would serve it. Test modules define their ``live`` fixture with ``serve_live``."""
 
 from __future__ import annotations
 

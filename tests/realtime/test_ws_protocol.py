@@ -477,6 +477,31 @@ async def test_bad_apikeys_are_refused_with_401_on_the_upgrade(live: LiveWorld) 
         await raw.close()
 
 
+async def test_an_unknown_vsn_and_a_full_gateway_are_refused_on_the_upgrade(
+    live: LiveWorld,
+) -> None:
+    """With a valid apikey, an unknown vsn is an HTTP 400 UnsupportedVsn, and a gateway at
+    its connection limit an HTTP 429 ConnectionRateLimitReached, each with {"error": ...}
+    on the upgrade itself; under the limit the same socket opens."""
+    server = live.server
+    key = await anon_key(server)
+    status, body = await expect_refused(socket_url(server, key, "3.0.0"))
+    assert status == 400, (status, body)
+    assert body["error"].startswith("UnsupportedVsn"), body
+    limits = server.app.state.gateway.limits
+    allowed, limits.connections = limits.connections, 0
+    try:
+        status, body = await expect_refused(socket_url(server, key, VSN_2))
+    finally:
+        limits.connections = allowed
+    assert status == 429, (status, body)
+    assert body["error"].startswith("ConnectionRateLimitReached"), body
+    async with raw_socket(server) as raw:
+        await raw.push("phoenix", "heartbeat", {}, ref="1")
+        assert (await raw.reply("phoenix", "1")).payload["status"] == "ok"
+        await raw.close()
+
+
 async def expect_expiry(raw: Raw, topic: str) -> tuple[Message, Message, float]:
     """The system error then phx_close that end an expired channel, and when they came."""
     system, close = await raw.wait_for(

@@ -1,5 +1,5 @@
-"""The native WebSocket server (realtime/wsserver.py): its frames, the frames recipients
-share, batched writes, and the upgrades it leaves to uvicorn and the app."""
+"""The native WebSocket server (the realtime/wsserver package): its frames, the frames
+recipients share, batched writes, and the upgrades it leaves to uvicorn and the app."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from live_servers import serve_live
 from prometheus_client import CollectorRegistry, generate_latest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
-from websockets.frames import Frame, Opcode
+from websockets.frames import Close, Frame, Opcode
 from websockets.streams import StreamReader
 
 from autodispatch.domain.principal import ANONYMOUS
@@ -26,6 +26,7 @@ from autodispatch.realtime.log import BATCH_FROM, EventLogReader
 from autodispatch.realtime.metrics import RealtimeMetrics
 from autodispatch.realtime.router import Binding, Router, Subscription
 from autodispatch.realtime.wsserver import RealtimeWebSocket, frame_bytes, protocol_for
+from autodispatch.realtime.wsserver.reading import frame_parser
 from conftest import LiveWorld
 
 
@@ -199,6 +200,60 @@ def event_ids(data: bytes) -> list[int]:
             continue
         raise AssertionError("an incomplete frame")
     return ids
+
+
+# --- what a client sends ---------------------------------------------------------------------
+
+
+def native_socket(gw: Gateway) -> tuple[RealtimeWebSocket, Transport, Connection]:
+    """An upgraded native socket with no channel: its frames parsed, its writes recorded."""
+    config: Any = SimpleNamespace(uvicorn=True)
+    wire = protocol_for(gw)(
+        config=config, server_state=SimpleNamespace(connections=set()), app_state={}
+    )
+    assert isinstance(wire, RealtimeWebSocket)
+    transport = Transport()
+    wire.transport = transport  # type: ignore[assignment]
+    wire.ws = frame_parser()
+    wire.conn = Connection(gw, p.VSN_1, ANONYMOUS, wire)
+    return wire, transport, wire.conn
+
+
+def client_frame(opcode: Opcode, data: bytes, *, fin: bool = True) -> bytes:
+    """A frame as a client sends it (masked)."""
+    return Frame(opcode, data, fin=fin).serialize(mask=True)
+
+
+async def test_a_message_in_fragments_is_handled_once_whole() -> None:
+    """A heartbeat split into three frames (TEXT, CONT, CONT) and a binary one split in
+    two are each answered once, when their last fragment arrives."""
+    wire, transport, _ = native_socket(gateway())
+    text = json.dumps({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "7"})
+    head, middle, tail = text[:10].encode(), text[10:20].encode(), text[20:].encode()
+    wire.data_received(client_frame(Opcode.TEXT, head, fin=False))
+    wire.data_received(client_frame(Opcode.CONT, middle, fin=False))
+    assert transport.writes == []
+    wire.data_received(client_frame(Opcode.CONT, tail))
+    assert len(transport.writes) == 1
+    reply = p.decode(parse_server_frame(transport.writes[0]).data.decode(), p.VSN_1)
+    assert (reply.topic, reply.event, reply.ref) == ("phoenix", "phx_reply", "7")
+    binary = text.encode()
+    wire.data_received(client_frame(Opcode.BINARY, binary[:5], fin=False))
+    wire.data_received(client_frame(Opcode.CONT, binary[5:]))
+    assert len(transport.writes) == 2
+    wire.connection_lost(None)
+
+
+async def test_a_text_message_that_is_not_utf8_closes_the_socket_with_1007() -> None:
+    """Text that does not decode is not handled: the socket is closed with 1007 and the
+    reason invalid_utf8."""
+    wire, transport, conn = native_socket(gateway())
+    wire.data_received(client_frame(Opcode.TEXT, b'{"topic": "\xff"}'))
+    assert conn.closing == "invalid_utf8"
+    close = parse_server_frame(transport.writes[-1])
+    assert close.opcode is Opcode.CLOSE
+    assert Close.parse(close.data) == Close(1007, "invalid_utf8")
+    wire.connection_lost(None)
 
 
 # --- the upgrades it leaves to uvicorn --------------------------------------------------------

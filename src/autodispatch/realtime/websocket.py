@@ -1,8 +1,8 @@
 """The realtime WebSocket through ASGI, for any ASGI server.
 
 ``autodispatch serve`` answers ``/realtime/v1/websocket`` and ``/socket/websocket``
-itself (``wsserver.py``: frames written straight to the socket, no task per connection);
-these routes serve the same protocol (``gateway.py``) under any other server. Each
+itself (``wsserver``: frames written straight to the socket, no task per connection);
+these routes serve the same protocol (``gateway``) under any other server. Each
 socket has a bounded queue of outgoing frames drained by a writer task; a client too
 slow to drain it is closed with the reason ``slow_consumer`` (code 4000) and resumes
 from its cursor.
@@ -19,10 +19,17 @@ from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from autodispatch.domain.errors import AppError
 from autodispatch.realtime import protocol as p
 from autodispatch.realtime.events import Event
-from autodispatch.realtime.gateway import CLOSE_CODES, CONTROL_ROOM, Connection, Gateway, Limits
+from autodispatch.realtime.gateway import (
+    CLOSE_CODES,
+    CONTROL_ROOM,
+    Connection,
+    Gateway,
+    Limits,
+    Refusal,
+    admit,
+)
 from autodispatch.realtime.metrics import SentFrames
 
 __all__ = ["Gateway", "Limits", "router"]
@@ -102,26 +109,13 @@ async def _refuse(ws: WebSocket, status: int, message: str) -> None:
 
 async def serve_socket(ws: WebSocket) -> None:
     gateway: Gateway = ws.app.state.gateway
-    metrics = gateway.hub.metrics
     vsn = _vsn(ws)
-    if vsn not in p.VSNS:
-        await _refuse(ws, 400, f"UnsupportedVsn: use {p.VSN_1} or {p.VSN_2}")
-        return
-    apikey = ws.headers.get("x-api-key") or ws.query_params.get("apikey")
-    if not apikey:
-        await _refuse(ws, 401, "apikey is required (query ?apikey= or header x-api-key)")
-        return
-    try:
-        principal = gateway.tokens.principal(apikey)
-    except AppError as exc:
-        await _refuse(ws, 401, exc.message)
-        return
-    if gateway.full():
-        metrics.disconnects.labels("websocket", "too_many_connections").inc()
-        await _refuse(ws, 429, "ConnectionRateLimitReached: Too many connections")
+    principal = admit(gateway, vsn, ws.headers.get("x-api-key") or ws.query_params.get("apikey"))
+    if isinstance(principal, Refusal):
+        await _refuse(ws, principal.status, principal.message)
         return
     await ws.accept()
-    wire = AsgiWire(ws, gateway.limits.queue_size, metrics.sent.transport("websocket"))
+    wire = AsgiWire(ws, gateway.limits.queue_size, gateway.hub.metrics.sent.transport("websocket"))
     conn = Connection(gateway, vsn, principal, wire)
     gateway.add(conn)
     writer = asyncio.create_task(wire.writer(), name="ws-writer")
