@@ -85,7 +85,7 @@ def serve(
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
-            # The realtime WebSocket paths are served on the socket itself (wsserver.py);
+            # The realtime WebSocket paths are served on the socket itself (realtime/wsserver);
             # other WebSocket routes go through uvicorn's own protocol.
             ws=protocol_for(web_app.state.gateway),
         )

@@ -6,6 +6,13 @@ returns, so a transport that says "subscribed" afterwards is telling the truth. 
 resuming from a cursor is then sent what it missed by ``catch_up``, which the transport
 runs once it is writing to the client: the replay waits for room as the client reads, so
 a backlog of any size arrives, in order, once, followed by what committed meanwhile.
+
+Why one module of ~450 lines: subscribing, catching up and re-keying a subscription when
+its user's keys change each hold the others' invariant (registered before "subscribed";
+replayed, then live, with nothing between; a key change applied in its place among the
+events), through the same subscription, router and reader position; apart, each step's
+reason would be in another file. What has no share in them (reading the log, routing,
+the transports) is elsewhere.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The Supabase Realtime wire protocol: frames, join configs, row filters, server messages.
 
 Pure: no I/O, no clock, no randomness. The transports decode what a socket received,
-the router builds what it sends; everything about the bytes on the wire lives here.
+the router builds what it sends; everything about the bytes on the wire lives here. That
+is why it is one module of ~670 lines: the wire is one contract with the stock clients,
+pinned point by point below and in ``tests/realtime/test_protocol.py``, and a change to
+one frame must be read beside the others.
 
 Ground truth is the stock clients' own source, read for this module:
 
