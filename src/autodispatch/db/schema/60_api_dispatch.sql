@@ -5,6 +5,10 @@
 -- (security definer, empty search_path); the API's role may call only those granted to
 -- authenticated at the end of this file. The moves themselves, and what each sets off, are
 -- the triggers' of 20_requests_and_lifecycles.sql.
+--
+-- One file of ~440 lines on purpose: every function that moves a request, in lifecycle
+-- order, beside the helpers they share; each must take the same lock order and give its
+-- reasons the same way, which is easiest to check with all of them in view.
 
 -- ---------------------------------------------------------------------------
 -- Helpers
