@@ -201,9 +201,39 @@ class SlotStream:
         self._feedback(self._pgconn())
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        """End the stream the way the protocol does (CopyDone, then the server's end of
+        the copy), so the server has read the last status update before the connection
+        goes: closed at once, a walsender busy sending could drop it, and the next stream
+        would bring again what was confirmed (harmless to the decoder, which passes over
+        what it applied, but not what ``confirm`` says)."""
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        with contextlib.suppress(psycopg.Error, OSError, DecodingError):
+            await self._end_copy(conn.pgconn, deadline=time.monotonic() + 2.0)
+        await conn.close()
+
+    async def _end_copy(self, pg: Any, *, deadline: float) -> None:
+        if pg.put_copy_end(None) != 1:
+            return
+        while pg.flush() == 1:
+            await self._readable(pg.socket, 0.05)
+        while time.monotonic() < deadline:  # the server's rest of the copy, then its end
+            size, _ = pg.get_copy_data(1)
+            if size == -1:  # the copy is over: the server has read all we sent
+                while time.monotonic() < deadline:  # its results, without blocking
+                    pg.consume_input()
+                    if not pg.is_busy():
+                        if pg.get_result() is None:
+                            return
+                        continue
+                    await self._readable(pg.socket, deadline - time.monotonic())
+                return
+            if size == 0:
+                await self._readable(pg.socket, deadline - time.monotonic())
+                pg.consume_input()
+            if size == -2:
+                return
 
     def _pgconn(self) -> Any:
         if self._conn is None:
