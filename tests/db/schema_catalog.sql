@@ -1,4 +1,4 @@
--- The catalog of a database as sorted text rows, for tests/db/test_schema.py: one block per
+-- The catalog of a database as sorted text rows, for tests/db/test_schema_files.py: one block per
 -- kind of object, each row (object, what it is). Built from the migrations or from
 -- db/schema, a database must give the same rows. Only objects outside PostgreSQL's own
 -- schemas count; public.alembic_version (Alembic's, not ours) is left out. Run with an
@@ -21,6 +21,47 @@ language sql stable as $$
        from aclexplode(p_acl) e group by e.grantee) g),
     'none') end
 $$;
+
+-- name: owners
+-- Who owns each object (an ACL names the owner only as 'owner'): a loaded database must
+-- not hand, say, a trigger function to an API role.
+select format('%s %s', o.kind, o.name), pg_get_userbyid(o.owner)
+from (
+  select 'schema' as kind, n.nspname as name, n.nspowner as owner
+  from pg_namespace n where n.nspname <> 'information_schema' and n.nspname !~ '^pg_'
+  union all
+  select 'relation', n.nspname || '.' || c.relname, c.relowner
+  from pg_class c join pg_namespace n on n.oid = c.relnamespace
+  where n.nspname <> 'information_schema' and n.nspname !~ '^pg_'
+    and c.relkind in ('r', 'p', 'v', 'm', 'f', 'S', 'c')
+    and (n.nspname, c.relname) <> ('public', 'alembic_version')
+  union all
+  select 'function', p.oid::regprocedure::text, p.proowner
+  from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+  where n.nspname <> 'information_schema' and n.nspname !~ '^pg_'
+  union all
+  select 'type', t.oid::regtype::text, t.typowner
+  from pg_type t join pg_namespace n on n.oid = t.typnamespace
+  where n.nspname <> 'information_schema' and n.nspname !~ '^pg_' and t.typrelid = 0
+    and t.typelem = 0
+) o;
+
+-- name: column_privileges
+-- Grants on single columns (grant select (a, b) on t to r): not in the table's ACL.
+select n.nspname || '.' || c.relname || '.' || a.attname,
+       'acl ' || pg_temp.acl_text(a.attacl, c.relowner)
+from pg_attribute a
+join pg_class c on c.oid = a.attrelid
+join pg_namespace n on n.oid = c.relnamespace
+where a.attacl is not null and a.attnum > 0 and not a.attisdropped
+  and n.nspname <> 'information_schema' and n.nspname !~ '^pg_';
+
+-- name: database_settings
+-- Settings stored for this database (alter database ... set), for any role or all.
+select coalesce(pg_get_userbyid(nullif(s.setrole, 0)), 'all roles'),
+       array_to_string(s.setconfig, ', ')
+from pg_db_role_setting s
+where s.setdatabase = (select oid from pg_database where datname = current_database());
 
 -- name: schemas
 select n.nspname, 'acl ' || pg_temp.acl_text(n.nspacl, n.nspowner)

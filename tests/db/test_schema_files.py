@@ -211,3 +211,24 @@ def test_each_object_is_created_in_exactly_one_schema_file(db_url: str) -> None:
             f"{kind}s the migrations make and the schema files do not create (or the other way"
             f" round): {sorted(set(counts) ^ exists[kind])}"
         )
+
+
+_CLUSTER_STATEMENT = re.compile(
+    r"\b(?:create|alter|drop)\s+role\s[^;]+;|\bgrant\s+[\w\s,]+\s+to\s+current_user\s*;", re.I
+)
+
+
+def _cluster_statements(text: str) -> list[str]:
+    return [" ".join(m.group(0).lower().split()) for m in _CLUSTER_STATEMENT.finditer(_code(text))]
+
+
+def test_the_schema_files_make_the_roles_as_the_migrations_do() -> None:
+    """Roles belong to the cluster: both databases of the comparison above share them, so
+    it cannot see how each way makes them. The files must make them with the very
+    statements the migrations use (a role made superuser or able to log in would pass
+    every catalog comparison in a cluster where the roles already exist)."""
+    migrations = sorted((Path(migrate.__file__).parent / "migrations").glob("*.sql"))
+    made = [s for f in migrations for s in _cluster_statements(f.read_text(encoding="utf-8"))]
+    loaded = [s for _, text in migrate.schema_files() for s in _cluster_statements(text)]
+    assert made, "no role statement found in the migrations: the pattern is stale"
+    assert loaded == made

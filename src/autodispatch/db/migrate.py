@@ -4,7 +4,7 @@ The revisions live in ``db/alembic/versions`` and each runs one plain SQL file f
 ``db/migrations``; a PostgreSQL advisory lock keeps two processes from migrating one
 database at once. ``db/schema`` holds the schema the migrations end at, one file per
 concern: ``load_schema`` builds a new database from it, stamped at the newest revision
-(tests/db/test_schema.py holds the two ways equal).
+(tests/db/test_schema_files.py holds the two ways equal).
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def upgrade(url: str, target: str = "head") -> tuple[str | None, str]:
     return before, after
 
 
-# Any relation, function or type of a schema that is not PostgreSQL's own.
+# Any relation, function or type of a schema that is not PostgreSQL's own, any
+# publication, default privilege or setting of this database: what the files would
+# build on, or hand their objects to.
 _NOT_EMPTY = """
 select exists (select from pg_class c join pg_namespace n on n.oid = c.relnamespace
                where n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast'))
@@ -106,6 +108,12 @@ select exists (select from pg_class c join pg_namespace n on n.oid = c.relnamesp
     or exists (select from pg_namespace
                where nspname not in ('public', 'pg_catalog', 'information_schema', 'pg_toast')
                  and nspname !~ '^pg_(toast_)?temp_')
+    or exists (select from pg_type t join pg_namespace n on n.oid = t.typnamespace
+               where n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast'))
+    or exists (select from pg_publication)
+    or exists (select from pg_default_acl)
+    or exists (select from pg_db_role_setting
+               where setdatabase = (select oid from pg_database where datname = current_database()))
 """
 
 

@@ -2,7 +2,7 @@
 --
 -- This directory is the whole current schema, one file per concern, loaded in name order
 -- into an empty database by autodispatch.db.migrate.load_schema. The migrations
--- (db/migrations) build the same database step by step; tests/db/test_schema.py holds the
+-- (db/migrations) build the same database step by step; tests/db/test_schema_files.py holds the
 -- two equal, so a migration that changes the schema changes these files too.
 --
 -- Errors raised by the database use SQLSTATE 'AD' || <http status> and put a stable code
