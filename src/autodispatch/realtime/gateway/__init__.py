@@ -21,6 +21,8 @@ change to one does not mean reading the others:
 - ``process``: the ``Gateway``, what a process's sockets share, and its timer;
 - ``limits``: how much a process and a connection may do;
 - ``wire``: what a connection asks of the transport that writes its frames;
+- ``contracts``: what the jobs ask of a connection, the gateway and a channel (protocols,
+  so no job imports the module that imports it);
 - ``access``: who may open a socket and join a channel, and until when (tokens);
 - ``connection``: one socket: its state, what it sends, its tasks, its end;
 - ``inbox``: a client's frames, answered, rate-limited and dispatched in order;

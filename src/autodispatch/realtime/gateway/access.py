@@ -18,9 +18,7 @@ from autodispatch.domain.principal import Principal
 from autodispatch.realtime import protocol as p
 
 if TYPE_CHECKING:
-    from autodispatch.realtime.gateway.channel import Channel
-    from autodispatch.realtime.gateway.connection import Connection
-    from autodispatch.realtime.gateway.process import Gateway
+    from autodispatch.realtime.gateway.contracts import ChannelLike, ConnectionLike, GatewayLike
 
 EXPIRED = "sign in again and send a new access_token"
 # Topics only mechanics and admins may join; presence there is listed under the signed-in
@@ -35,7 +33,7 @@ class Refusal(NamedTuple):
     message: str
 
 
-def admit(gateway: Gateway, vsn: str, apikey: str | None) -> Principal | Refusal:
+def admit(gateway: GatewayLike, vsn: str, apikey: str | None) -> Principal | Refusal:
     """Whom a new socket speaks for (its apikey's principal), or why it may not open."""
     if vsn not in p.VSNS:
         return Refusal(400, f"UnsupportedVsn: use {p.VSN_1} or {p.VSN_2}")
@@ -51,7 +49,7 @@ def admit(gateway: Gateway, vsn: str, apikey: str | None) -> Principal | Refusal
     return principal
 
 
-def principal_for(conn: Connection, token: str | None) -> Principal:
+def principal_for(conn: ConnectionLike, token: str | None) -> Principal:
     """Whom a join speaks for: its own access_token's principal, or the socket's."""
     if token is None:
         return conn.principal
@@ -67,7 +65,7 @@ def expiry(principal: Principal) -> float | None:
     return float(exp) if exp is not None else None
 
 
-async def refresh_token(conn: Connection, channel: Channel, msg: p.Message) -> None:
+async def refresh_token(conn: ConnectionLike, channel: ChannelLike, msg: p.Message) -> None:
     token = msg.payload.get("access_token")
     if token is None:
         return  # upstream ignores a null token
@@ -86,7 +84,7 @@ async def refresh_token(conn: Connection, channel: Channel, msg: p.Message) -> N
     channel.expires_at = expiry(principal)
 
 
-async def expire(conn: Connection, channel: Channel, why: str) -> None:
+async def expire(conn: ConnectionLike, channel: ChannelLike, why: str) -> None:
     if conn.channels.get(channel.topic) is not channel:
         return  # left meanwhile (the timer and a refresh may both expire it)
     conn.send(p.system_error(channel.topic, "system", f"Token has expired: {why}"))

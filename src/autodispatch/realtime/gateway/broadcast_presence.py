@@ -17,11 +17,10 @@ from autodispatch.realtime import protocol as p
 from autodispatch.realtime.broker import PayloadTooLarge
 
 if TYPE_CHECKING:
-    from autodispatch.realtime.gateway.channel import Channel
-    from autodispatch.realtime.gateway.connection import Connection
+    from autodispatch.realtime.gateway.contracts import ChannelLike, ConnectionLike
 
 
-async def broadcast(conn: Connection, channel: Channel, msg: p.Message) -> None:
+async def broadcast(conn: ConnectionLike, channel: ChannelLike, msg: p.Message) -> None:
     body = msg.payload
     event = body.get("event")
     if not isinstance(event, str):
@@ -36,7 +35,7 @@ async def broadcast(conn: Connection, channel: Channel, msg: p.Message) -> None:
         conn.send(p.reply_ok(msg.topic, msg.ref, msg.join_ref, {}))
 
 
-async def presence(conn: Connection, channel: Channel, msg: p.Message) -> None:
+async def presence(conn: ConnectionLike, channel: ChannelLike, msg: p.Message) -> None:
     body = msg.payload
     kind = body.get("event")
     broker = conn.gateway.broker

@@ -21,7 +21,7 @@ from autodispatch.realtime.gateway.access import expiry
 from autodispatch.realtime.router import Subscription
 
 if TYPE_CHECKING:
-    from autodispatch.realtime.gateway.connection import Connection
+    from autodispatch.realtime.gateway.contracts import ConnectionLike
 
 # Why a channel (not its socket) is closed, as the `system` message before phx_close says.
 CHANNEL_CLOSE_MESSAGES = {
@@ -52,7 +52,7 @@ class Channel:
 
     def __init__(
         self,
-        conn: Connection,
+        conn: ConnectionLike,
         topic: str,
         join_ref: str | None,
         config: p.JoinConfig,

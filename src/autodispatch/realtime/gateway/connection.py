@@ -26,7 +26,7 @@ from autodispatch.realtime.gateway.limits import TokenBucket
 from autodispatch.realtime.gateway.wire import Wire
 
 if TYPE_CHECKING:
-    from autodispatch.realtime.gateway.channel import Channel
+    from autodispatch.realtime.gateway.contracts import ChannelLike
     from autodispatch.realtime.gateway.process import Gateway
 
 log = structlog.get_logger("autodispatch.realtime")
@@ -55,7 +55,7 @@ class Connection:
         self.vsn = vsn
         self.principal = principal  # from the socket's apikey
         self.wire = wire
-        self.channels: dict[str, Channel] = {}
+        self.channels: dict[str, ChannelLike] = {}
         self.closing: str | None = None
         self.last_seen = time.monotonic()  # of the last client frame (the timer reads it)
         self.joins = TokenBucket(gateway.limits.joins_per_second)
@@ -83,10 +83,10 @@ class Connection:
         await inbox.handle_message(self, msg)
 
     # -- channels (join.py, access.py) ------------------------------------------------
-    async def leave(self, channel: Channel, *, close: bool) -> None:
+    async def leave(self, channel: ChannelLike, *, close: bool) -> None:
         await join.leave(self, channel, close=close)
 
-    async def expire(self, channel: Channel, why: str) -> None:
+    async def expire(self, channel: ChannelLike, why: str) -> None:
         await access.expire(self, channel, why)
 
     # -- sending ------------------------------------------------------------------------

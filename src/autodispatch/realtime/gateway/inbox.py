@@ -21,12 +21,12 @@ from autodispatch.realtime import protocol as p
 from autodispatch.realtime.gateway import access, broadcast_presence, join
 
 if TYPE_CHECKING:
-    from autodispatch.realtime.gateway.connection import Connection
+    from autodispatch.realtime.gateway.contracts import ConnectionLike
 
 log = structlog.get_logger("autodispatch.realtime")
 
 
-def parse(conn: Connection, raw: str | bytes) -> p.Message | None:
+def parse(conn: ConnectionLike, raw: str | bytes) -> p.Message | None:
     """A client frame: answered here when that needs no waiting (heartbeats, refusals);
     otherwise the message for ``dispatch``."""
     conn.last_seen = time.monotonic()
@@ -59,7 +59,7 @@ def parse(conn: Connection, raw: str | bytes) -> p.Message | None:
     return msg
 
 
-def receive(conn: Connection, raw: str | bytes) -> None:
+def receive(conn: ConnectionLike, raw: str | bytes) -> None:
     """A client frame from a wire that cannot wait (the native server): messages are
     handled in order, by one task while there are any."""
     msg = parse(conn, raw)
@@ -72,7 +72,7 @@ def receive(conn: Connection, raw: str | bytes) -> None:
         conn.pending.append(msg)
 
 
-async def _work(conn: Connection) -> None:
+async def _work(conn: ConnectionLike) -> None:
     while conn.pending:
         msg = conn.pending.pop(0)
         if conn.closing is None:
@@ -80,7 +80,7 @@ async def _work(conn: Connection) -> None:
     conn.pending = None
 
 
-async def handle_message(conn: Connection, msg: p.Message) -> None:
+async def handle_message(conn: ConnectionLike, msg: p.Message) -> None:
     try:
         await dispatch(conn, msg)
     except Exception:  # one bad message must not kill the socket or pass silently
@@ -89,7 +89,7 @@ async def handle_message(conn: Connection, msg: p.Message) -> None:
         conn.refuse(msg, "InternalError", "the server failed to handle this message; try again")
 
 
-async def dispatch(conn: Connection, msg: p.Message) -> None:
+async def dispatch(conn: ConnectionLike, msg: p.Message) -> None:
     if msg.event == "phx_join":
         await join.join(conn, msg)
         return

@@ -24,10 +24,10 @@ from autodispatch.realtime.hub import ResyncRequired
 from autodispatch.realtime.router import Binding
 
 if TYPE_CHECKING:
-    from autodispatch.realtime.gateway.connection import Connection
+    from autodispatch.realtime.gateway.contracts import ChannelLike, ConnectionLike
 
 
-async def join(conn: Connection, msg: p.Message) -> None:
+async def join(conn: ConnectionLike, msg: p.Message) -> None:
     gateway = conn.gateway
     hub = gateway.hub
     if not conn.joins.allow():
@@ -105,7 +105,7 @@ async def join(conn: Connection, msg: p.Message) -> None:
         conn.spawn(hub.catch_up(channel.subscription))
 
 
-async def leave(conn: Connection, channel: Channel, *, close: bool) -> None:
+async def leave(conn: ConnectionLike, channel: ChannelLike, *, close: bool) -> None:
     conn.channels.pop(channel.topic, None)
     conn.gateway.broker.leave(channel.topic, channel)
     if channel.subscription is not None:

@@ -24,7 +24,7 @@ from autodispatch.realtime.gateway.wire import WriteBatch
 from autodispatch.realtime.hub import Hub
 
 if TYPE_CHECKING:
-    from autodispatch.realtime.gateway.connection import Connection
+    from autodispatch.realtime.gateway.contracts import ConnectionLike
 
 SWEEP_SECONDS = 1.0
 
@@ -37,7 +37,7 @@ class Gateway:
         self.broker = broker
         self.tokens = tokens
         self.limits = limits
-        self.connections: set[Connection] = set()
+        self.connections: set[ConnectionLike] = set()
         self.batch = WriteBatch()
         hub.router.batching.append(self.batch)
         self._sweeper: asyncio.Task[None] | None = None
@@ -52,14 +52,14 @@ class Gateway:
         every gateway, in this process and in others."""
         return f"{self._id_prefix}{next(self._ids):x}"
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: ConnectionLike) -> None:
         self.connections.add(conn)
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(
                 self._sweep(), name="realtime-sweeper"
             )
 
-    def discard(self, conn: Connection) -> None:
+    def discard(self, conn: ConnectionLike) -> None:
         self.connections.discard(conn)
 
     def full(self) -> bool:
