@@ -147,6 +147,7 @@ class Subscriber:
         self.url = url
         self.marker = marker  # the body of a chat message written after the round
         self.marker_seen = threading.Event()
+        self.marker_seen_at: float | None = None  # on the monotonic clock
         self.received_ms: list[float] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -169,9 +170,10 @@ class Subscriber:
                     " from realtime.events where id > %s order by id limit 10000",
                     (self.marker, position),
                 ).fetchall()
-                now = time.time()
+                now, now_monotonic = time.time(), time.monotonic()
                 for event_id, at, is_marker in rows:
                     if is_marker:
+                        self.marker_seen_at = now_monotonic
                         self.marker_seen.set()
                     else:
                         self.received_ms.append((now - float(at)) * 1000)
@@ -242,10 +244,14 @@ def _writer_process(
 
 
 def run_processes(
-    specs: list[WriterSpec], warmup: float, seconds: float
+    specs: list[WriterSpec],
+    warmup: float,
+    seconds: float,
+    at_end: Callable[[], None] | None = None,
 ) -> tuple[float, list[float]]:
     """Run writer processes together: warm up, measure for ``seconds`` (every process at
-    once), stop. Returns the measured seconds and every commit's latency (s)."""
+    once), call ``at_end`` while the writers still write, stop. Returns the measured
+    seconds and every commit's latency (s)."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     # The measured window, set once all are ready; read without a lock on each commit.
@@ -268,7 +274,10 @@ def run_processes(
         start = time.monotonic() + warmup
         window[1] = start + seconds
         window[0] = start
-        time.sleep(max(0.0, start + seconds - time.monotonic()) + 0.05)
+        time.sleep(max(0.0, start + seconds - time.monotonic()))
+        if at_end is not None:
+            at_end()
+        time.sleep(0.05)
         stop.set()
         latencies: list[float] = []
         errors: list[str] = []

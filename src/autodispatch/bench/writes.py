@@ -45,6 +45,7 @@ from autodispatch.bench.write_modes import (
     set_numbering_at_commit,
 )
 from autodispatch.bench.writers import MESSAGE, Subscriber, WriterSpec, live_sessions, run_processes
+from autodispatch.db.pgoutput import DecodingError
 
 __all__ = ["CAPTURED", "MODES", "Run", "run_writes", "writes"]
 
@@ -67,8 +68,9 @@ class Run:
     latencies: list[float] = field(default_factory=list, repr=False)
     received_ms: list[float] = field(default_factory=list, repr=False)
     round_rates: list[float] = field(default_factory=list)  # commits/s of each round
-    # How long after each round's last commit the log held its events (the log's lag
-    # then): a log that falls behind its writers has not kept up with their rate.
+    # How far behind the log was at the end of each round's window (``Marker``: seconds
+    # from a message committed then until a reader had it): a log that falls behind its
+    # writers has not kept up with their rate.
     catch_up: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -113,6 +115,12 @@ def run_writes(
     of a run are spread over ``processes`` processes (a Python process's writer threads
     share one interpreter lock, which would make the client the bottleneck); with the log
     on, each process numbers its own writes, as each server process does."""
+    if "decoded" in modes and not _can_decode(url):
+        progress(
+            "skipping the decoded mode: this server runs wal_level = replica (decoding needs"
+            " wal_level = logical, which takes a restart)"
+        )
+        modes = [m for m in modes if m != "decoded"]
     sessions = live_sessions(url, customers, mechanics, max(writer_counts))
     runs: list[Run] = []
     try:
@@ -135,9 +143,21 @@ def run_writes(
                            if run.catch_up else "")
                     )  # fmt: skip
     finally:
-        set_log(url, True)
-        set_numbering_at_commit(url, False)
-        set_decoding(url, False)
+        # Each step on its own: one that fails (a slot still held) must not leave the
+        # others undone, nor hide the error that ended the run.
+        failed: list[str] = []
+        steps: list[tuple[Callable[[str, bool], None], bool]] = [
+            (set_log, True),
+            (set_numbering_at_commit, False),
+            (set_decoding, False),
+        ]
+        for step, on in steps:
+            try:
+                step(url, on)
+            except (psycopg.Error, OSError, DecodingError) as exc:
+                failed.append(str(exc))
+        if failed:
+            progress(f"could not put the database back as it was: {'; '.join(failed)}")
     return runs
 
 
@@ -169,12 +189,18 @@ def _one_run(
         )
         for p in range(share)
     ]
-    marker = f"bench marker {time.monotonic_ns()}"
-    subscriber = Subscriber(url, marker) if run.mode != "off" else None
-    with subscriber or contextlib.nullcontext(), decoder_running(url, run.mode == "decoded"):
-        measured, latencies = run_processes(specs, warmup, seconds)
-        if subscriber is not None:
-            run.catch_up.append(_catch_up(url, sessions[0], marker, subscriber, run.mode))
+    marker = Marker(url, sessions[0]) if run.mode != "off" else None
+    subscriber = Subscriber(url, marker.body) if marker is not None else None
+    with (
+        marker or contextlib.nullcontext(),
+        subscriber or contextlib.nullcontext(),
+        decoder_running(url, run.mode == "decoded"),
+    ):
+        measured, latencies = run_processes(
+            specs, warmup, seconds, marker.write if marker is not None else None
+        )
+        if marker is not None and subscriber is not None:
+            run.catch_up.append(marker.lag(subscriber, numbering=run.mode == "on"))
     run.seconds += measured
     run.commits += len(latencies)
     run.latencies += [x * 1000 for x in latencies]
@@ -183,21 +209,54 @@ def _one_run(
         run.received_ms += subscriber.received_ms
 
 
-def _catch_up(
-    url: str, session: dict[str, Any], marker: str, subscriber: Subscriber, mode: str
-) -> float:
-    """Write a marker message after the round's writers stopped; seconds until a reader
-    of the log had it (and so every event committed before it)."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(MESSAGE, {**session, "body": marker})
-        committed = time.monotonic()
-        deadline = committed + 600
+def _can_decode(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("show wal_level").fetchone()
+    return row is not None and row[0] == "logical"
+
+
+class Marker:
+    """A chat message written at the end of a round's measured window, while its writers
+    still write: every event committed before it must be in the log before it, so the
+    time from its commit until a reader of the log has it is how far behind the log was
+    when the window ended (a log that numbers or decodes in commit order cannot hand it
+    out earlier)."""
+
+    def __init__(self, url: str, session: dict[str, Any]) -> None:
+        self.url = url
+        self.params = {**session, "body": f"bench marker {time.monotonic_ns()}"}
+        self.body = str(self.params["body"])
+        self.committed: float | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def __enter__(self) -> Marker:
+        self._conn = psycopg.connect(self.url, autocommit=True)  # ready before the window
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def write(self) -> None:
+        assert self._conn is not None
+        # Timed from before it is sent: a reader may have it before the commit's reply
+        # is back here (at commit, the NOTIFY goes with the commit). So the lag includes
+        # the marker's own round trip, never less than nothing.
+        self.committed = time.monotonic()
+        self._conn.execute(MESSAGE, self.params)
+
+    def lag(self, subscriber: Subscriber, *, numbering: bool) -> float:
+        """Seconds from the marker's commit until the subscriber had it."""
+        assert self._conn is not None and self.committed is not None
+        deadline = self.committed + 600
         while not subscriber.marker_seen.wait(0.002):
-            if mode == "on":  # the writers' sequencers have stopped: number it here
-                conn.execute("select realtime.sequence(100000)")
+            if numbering:  # the writers' sequencers have stopped since: number it here
+                self._conn.execute("select realtime.sequence(100000)")
             if time.monotonic() > deadline:
                 raise SystemExit("the log did not catch up within 10 minutes")
-        return time.monotonic() - committed
+        seen = subscriber.marker_seen_at
+        assert seen is not None
+        return seen - self.committed
 
 
 def writes(
