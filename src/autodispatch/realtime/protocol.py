@@ -3,7 +3,7 @@
 Pure: no I/O, no clock, no randomness. The transports decode what a socket received,
 the router builds what it sends; everything about the bytes on the wire lives here. That
 is why it is one module of ~670 lines: the wire is one contract with the stock clients,
-pinned point by point below and in ``tests/realtime/test_protocol.py``, and a change to
+pinned point by point below and in ``tests/realtime/test_protocol_*.py``, and a change to
 one frame must be read beside the others.
 
 Ground truth is the stock clients' own source, read for this module:
@@ -16,7 +16,7 @@ Ground truth is the stock clients' own source, read for this module:
   ``_async/push.py``, ``message.py``, ``types.py``.
 
 What a server must respect (each point is pinned by a test in
-``tests/realtime/test_protocol.py``, most of them against the real clients):
+``tests/realtime/test_protocol_*.py``, most of them against the real clients):
 
 - vsn 1.0.0 frames are JSON objects. The Python client validates every server frame
   with pydantic and *drops* one whose ``ref`` key is missing (``ref: Literal[None]`` is
